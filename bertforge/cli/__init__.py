@@ -18,9 +18,11 @@ from bertforge.errors import BertforgeError
 
 # Modules that each define `register(subparsers)`; an explicit list, no plugin magic.
 COMMAND_MODULES = (
-    "bertforge.cli.data",      # tokenizer train, prepare, inspect
-    "bertforge.cli.pretrain",  # pretrain, evaluate, fill-mask, nsp, export, demo
-    "bertforge.cli.finetune",  # finetune, predict
+    "bertforge.cli.tokenizer",  # tokenizer train
+    "bertforge.cli.data",       # prepare, inspect
+    "bertforge.cli.model",      # export, fill-mask, nsp
+    "bertforge.cli.pretrain",   # pretrain, evaluate, demo
+    "bertforge.cli.finetune",   # finetune, predict
 )
 
 
