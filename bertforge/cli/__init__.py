@@ -19,9 +19,11 @@ from bertforge.errors import BertforgeError
 # Modules that each define `register(subparsers)`; an explicit list, no plugin magic.
 COMMAND_MODULES = (
     "bertforge.cli.tokenizer",  # tokenizer train
-    "bertforge.cli.data",       # prepare, inspect
+    "bertforge.cli.data",       # prepare
+    "bertforge.cli.inspect",    # inspect
     "bertforge.cli.model",      # export, fill-mask, nsp
-    "bertforge.cli.pretrain",   # pretrain, evaluate, demo
+    "bertforge.cli.pretrain",   # pretrain, evaluate
+    "bertforge.cli.demo",       # demo
     "bertforge.cli.finetune",   # finetune, predict
 )
 
