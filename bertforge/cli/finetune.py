@@ -1,0 +1,102 @@
+"""`bertforge finetune {classify,ner,qa}` and `bertforge predict`: thin wrappers over `bertforge.finetune`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bertforge.errors import BertforgeError
+from bertforge.tasks import TASKS
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not 1 <= len(names) <= 2:
+        raise argparse.ArgumentTypeError(f"expected one or two column names (NAME or NAME1,NAME2), got {text!r}")
+    return names
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a pre-trained model on classification, NER or extractive QA",
+        description="Fine-tune a model (run folder, model folder or any Hugging Face BERT folder) on a labelled task; "
+                    "evaluates on --dev each epoch and exports the best epoch to OUT/model.")
+    parser.add_argument("task", choices=sorted(TASKS), help="classify | ner | qa")
+    parser.add_argument("--model", required=True, help="run folder, model folder or Hugging Face BERT folder")
+    parser.add_argument("--train", required=True, help="training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON; .gz ok)")
+    parser.add_argument("--dev", required=True, help="dev file in the same format (scored every epoch)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="default 128 (classify, ner) or 384 (qa)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=_int_list, default=None,
+                        help="several seeds, e.g. 1,2,3: metrics.json reports mean and *_std")
+    parser.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
+    parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--text-columns", type=_names, default=None,
+                        help="classify: NAME or NAME1,NAME2 (default: detected from the header)")
+    parser.add_argument("--label-column", default=None, help="classify: label column (default: detected)")
+    parser.add_argument("--regression", action="store_true", help="classify: real-valued target (Pearson/Spearman)")
+    parser.add_argument("--doc-stride", type=int, default=128, help="qa: tokens between window starts")
+    parser.add_argument("--max-query-len", type=int, default=64, help="qa: question tokens kept")
+    parser.add_argument("--max-answer-len", type=int, default=30, help="qa: longest answer in tokens")
+    parser.add_argument("--n-best", type=int, default=20, help="qa: start/end candidates per window")
+    parser.add_argument("--lang", choices=("en", "zh"), default=None,
+                        help="qa: metrics language (en: SQuAD, zh: CMRC 2018); default: detected")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    parser.set_defaults(func=_finetune)
+
+    predict = subparsers.add_parser(
+        "predict", help="predict a file with a fine-tuned model",
+        description="Predict a file (the training format; labels optional) with the output of `bertforge finetune`.")
+    predict.add_argument("--model", required=True, help="the --out folder of `bertforge finetune` (or its model/)")
+    predict.add_argument("--input", required=True, help="input file")
+    predict.add_argument("--out", required=True, help="predictions file to write")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=_predict)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from bertforge.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        task=args.task, model=args.model, train=args.train, dev=args.dev, out=args.out, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_len=args.max_seq_len,
+        seed=args.seed, seeds=args.seeds, max_train_examples=args.max_train_examples,
+        length_bucketing=args.length_bucketing, precision=args.precision, device=args.device,
+        text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
+        doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
+        n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
+    summary = finetune(config)
+    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print(json.dumps(shown, indent=1))
+    print(f"model: {args.out}/model  metrics: {args.out}/metrics.json  curves: {args.out}/curves.png")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from bertforge.finetune import predict
+
+    if args.batch_size <= 0:
+        raise BertforgeError(f"--batch-size must be positive, got {args.batch_size}")
+    result = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    if result:
+        print(json.dumps(result, indent=1))
+    print(f"predictions: {args.out}")
+    return 0

@@ -1,0 +1,121 @@
+"""`bertforge pretrain` and `bertforge evaluate`: flags are `PretrainConfig` fields; the work is in `bertforge.pretrain`.
+
+Options the user does not type stay unset (argparse.SUPPRESS) so that the dataclass holds the only defaults
+and `--resume` takes every setting the user omits from the run's saved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from bertforge.config import PRESETS
+
+_DEFAULTS: dict = {}
+
+
+def _default(name: str) -> object:
+    if not _DEFAULTS:
+        from bertforge.pretrain import PretrainConfig
+        _DEFAULTS.update({f.name: f.default for f in dataclasses.fields(PretrainConfig)})
+    return _DEFAULTS[name]
+
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain", help="pre-train BERT (MLM + NSP) on a prepared DATA folder",
+        description="Pre-train BERT with masked-LM + next-sentence prediction on DATA (from `bertforge prepare`). "
+                    "Writes RUN/config.json, RUN/checkpoints/, RUN/metrics.jsonl, RUN/curves.png and RUN/model/.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--data", required=True, type=Path, help="DATA folder written by `bertforge prepare`")
+    parser.add_argument("--out", required=True, type=Path, help="RUN folder to create (or to --resume)")
+
+    def option(flag: str, help_text: str, **kwargs: object) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        default = _default(name)
+        shown = "" if default is None or isinstance(default, bool) else f" (default: {default})"
+        parser.add_argument(flag, dest=name, help=help_text + shown, **kwargs)
+
+    model = parser.add_argument_group("model")
+    option("--model", f"architecture: {'|'.join(PRESETS)} or a CONFIG.json")
+    option("--init", "start from the weights and architecture of a run, checkpoint or model folder", type=Path)
+    option("--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
+    option("--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
+    optim = parser.add_argument_group("optimisation")
+    option("--batch-size", "instances per micro-batch (per process)", type=int)
+    option("--grad-accum", "micro-batches per optimizer step", type=int)
+    option("--lr", "peak learning rate", type=float)
+    option("--warmup-steps", "linear warm-up steps (default: 10%% of the steps, at most 10,000)", type=int)
+    option("--max-steps", "optimizer steps (default: one epoch)", type=int)
+    option("--epochs", "passes over the training split (with --max-steps: whichever ends first)", type=float)
+    option("--weight-decay", "decoupled weight decay (not on biases and LayerNorm)", type=float)
+    option("--optimizer", "adamw or lamb (for very large batches)", choices=("adamw", "lamb"))
+    option("--precision", "fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA, with a grad scaler)",
+           choices=("fp32", "bf16", "fp16"))
+    option("--compile", "torch.compile the model", action="store_true")
+    option("--device", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    option("--seed", "seed of initialisation, data order, dropout and dynamic masks", type=int)
+    run = parser.add_argument_group("run")
+    option("--log-every", "steps between metric lines", type=int)
+    option("--eval-every", "steps between validation evaluations (and one at the end)", type=int)
+    option("--eval-batches", "at most this many validation batches per evaluation (default: all)", type=int)
+    option("--save-every", "steps between checkpoints (and one at the end)", type=int)
+    option("--keep-last", "keep only the newest N checkpoints (default: all)", type=int)
+    option("--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
+    option("--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
+           choices=("stop", "rollback"))
+    option("--resume", "continue RUN from its newest complete checkpoint with its saved settings",
+           action="store_true")
+    option("--overwrite", "delete the run already in RUN and start over", action="store_true")
+    parser.set_defaults(func=run_pretrain)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="MLM/NSP metrics of a model on DATA's validation split",
+        description="Print MLM loss, accuracy, perplexity and NSP loss, accuracy of a run, checkpoint or "
+                    "Hugging Face BERT folder on the validation split of DATA.")
+    evaluate.add_argument("--model", required=True, type=Path, help="run folder, checkpoint folder or model folder")
+    evaluate.add_argument("--data", required=True, type=Path, help="DATA folder from `bertforge prepare`")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="instances per batch (default: 32)")
+    evaluate.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="default: fp32")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from bertforge.pretrain import PretrainConfig, pretrain
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    if given.get("resume") and (Path(args.out) / "config.json").is_file():
+        config = PretrainConfig.from_run(args.out, **given)
+    else:
+        config = PretrainConfig(**given)
+    result = pretrain(config)
+    if result.interrupted:
+        command = f"bertforge pretrain --data {shlex.quote(str(config.data))} --out {shlex.quote(str(config.out))} --resume"
+        print(f"bertforge: stopped at step {result.step}; checkpoint {result.checkpoint}\nresume with: {command}",
+              file=sys.stderr)
+        return 0
+    if result.summary:
+        print(result.summary)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from bertforge.pretrain import evaluate
+
+    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision, max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+    else:
+        for name in ("mlm_loss", "mlm_accuracy", "perplexity", "nsp_loss", "nsp_accuracy"):
+            print(f"{name:14} {metrics[name]:.4f}")
+        print(f"{'instances':14} {metrics['instances']}\n{'masked_tokens':14} {metrics['masked_tokens']}")
+    return 0

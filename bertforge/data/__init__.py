@@ -1,0 +1,1 @@
+"""Data pipeline: raw corpus reading, pre-training instance generation, sharded storage and loading."""

@@ -1,0 +1,292 @@
+"""`bertforge demo`: the whole pipeline on the bundled corpus in about ten CPU minutes.
+
+tokenizer -> prepared instances -> MLM + NSP pre-training under a wall-clock budget -> held-out accuracy next to
+trivial baselines, fill-mask and NSP examples like the paper's, and where the run, model and curves are.
+
+Choices for ~4 MB of text and two CPU cores (the budget, not the corpus, is the limit):
+- vocabulary 8,192 WordPiece entries: with ~1M tokens of text a 30k vocabulary leaves most entries seen a handful
+  of times (their embeddings would stay near their initialisation in ten minutes), and the output projection
+  grows with it; at 8k nearly every entry is frequent enough to learn and the MLM head stays cheap;
+- sequences of 128 tokens (the paper's phase 1), batch 32, dropout off (one pass or less over the data is an
+  under-fitting regime: dropout only slows learning here, as in Geiping & Goldstein's "Cramming", 2022), a
+  learning rate of 1e-3 with a short warm-up (small models in short runs tolerate and need a large rate);
+- duplication factor from the budget: enough passes that training does not repeat the same masks, few enough
+  that preparing stays a small share of the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bertforge.corpus import default_corpus_files
+from bertforge.errors import BertforgeError
+
+MARKER = "demo.json"  # marks a folder as a bertforge demo, so --overwrite never deletes anything else
+VOCAB_SIZE = 8192
+MAX_SEQ_LEN = 128
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+# 4 of the 282 bundled documents: ~170 validation instances per duplication pass (a few hundred in all)
+VALIDATION_FRACTION = 0.015
+FILL_MASK_EXAMPLES = (
+    "the man went to the [MASK] store .",
+    "he bought a gallon of [MASK] .",
+    "the city is the [MASK] of the province .",
+    "she was born in 1950 and [MASK] in 2010 .",
+)
+NSP_EXAMPLES = (  # the paper's Figure/Table examples: (A, B, does B follow A?)
+    ("the man went to the store .", "he bought a gallon of milk .", True),
+    ("the man went to the store .", "penguins are flightless birds .", False),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Options of `bertforge demo` (see `bertforge demo --help`)."""
+
+    out: Path = Path("bertforge-demo")
+    minutes: float = 10.0
+    model: str = "mini"
+    seed: int = 12345
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise BertforgeError(f"--minutes must be positive, got {self.minutes}")
+        if self.overwrite and self.resume:
+            raise BertforgeError("--overwrite and --resume exclude each other; pick one")
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Trivial predictors on the validation split, computed from the data."""
+
+    nsp_majority: float      # share of the most common NSP label
+    nsp_majority_label: str  # "IsNext" | "NotNext"
+    mlm_unigram: float       # accuracy of always predicting the most frequent masked token
+    mlm_unigram_token: str
+    instances: int
+    masked_tokens: int
+
+
+def validation_baselines(data_dir: Path) -> Baselines:
+    """NSP majority-class share and MLM unigram accuracy over the validation split of DATA `data_dir`."""
+    from bertforge.data.dataset import PretrainData
+
+    data = PretrainData(data_dir, verify="size")
+    store = data.split("validation")
+    labels: Counter[int] = Counter()
+    nsp: Counter[int] = Counter()
+    for item in store:
+        labels.update(item["masked_lm_ids"].tolist())
+        nsp[item["next_sentence_label"]] += 1
+    if not labels:
+        raise BertforgeError(f"{data_dir} has no validation instances; the demo needs a validation split")
+    token_id, token_count = labels.most_common(1)[0]
+    label, label_count = nsp.most_common(1)[0]
+    return Baselines(nsp_majority=label_count / len(store), nsp_majority_label="NotNext" if label else "IsNext",
+                     mlm_unigram=token_count / sum(labels.values()), mlm_unigram_token=data.vocab[token_id],
+                     instances=len(store), masked_tokens=sum(labels.values()))
+
+
+def _encode_with_masks(tokenizer, text: str) -> list[int]:
+    """Word-piece ids of `text`, where each literal "[MASK]" becomes the mask id."""
+    pieces = text.split("[MASK]")
+    ids: list[int] = []
+    for k, encoded in enumerate(tokenizer.encode_batch(pieces)):
+        if k:
+            ids.append(tokenizer.mask_id)
+        ids.extend(encoded)
+    return ids
+
+
+@torch.no_grad()
+def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (token, probability) for each [MASK] in `text`, probabilities over the whole vocabulary."""
+    ids = [tokenizer.cls_id, *_encode_with_masks(tokenizer, text), tokenizer.sep_id]
+    input_ids = torch.tensor([ids])  # (1, T)
+    logits = model(input_ids, torch.zeros_like(input_ids), torch.ones_like(input_ids)).mlm_logits[0]  # (T, V)
+    positions = [i for i, token_id in enumerate(ids) if token_id == tokenizer.mask_id]
+    results = []
+    for position in positions:
+        probs, top = logits[position].softmax(-1).topk(top_k)
+        results.append(list(zip(tokenizer.convert_ids_to_tokens(top.tolist()), probs.tolist())))
+    return results
+
+
+@torch.no_grad()
+def next_sentence_probability(model, tokenizer, first: str, second: str) -> float:
+    """P(IsNext): the probability that `second` follows `first`."""
+    a, b = tokenizer.encode_batch([first, second])
+    ids = [tokenizer.cls_id, *a, tokenizer.sep_id, *b, tokenizer.sep_id]
+    input_ids = torch.tensor([ids])  # (1, T)
+    token_type_ids = torch.tensor([[0] * (len(a) + 2) + [1] * (len(b) + 1)])
+    logits = model(input_ids, token_type_ids, torch.ones_like(input_ids)).nsp_logits[0]  # (2,)
+    return float(logits.softmax(-1)[0])
+
+
+def _check_out(config: DemoConfig) -> None:
+    """Refuse a folder that is not ours; handle --overwrite / --resume for one that is."""
+    out = config.out
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BertforgeError(f"--out {out} is a file; choose a folder for the demo")
+    ours = (out / MARKER).is_file()
+    if not ours and any(out.iterdir()):
+        raise BertforgeError(f"--out {out} is not empty and holds no bertforge demo; choose another --out")
+    if ours and not (config.overwrite or config.resume):
+        raise BertforgeError(f"{out} already holds a demo; pass --overwrite to redo it or --resume to train on")
+    if ours and config.overwrite:
+        shutil.rmtree(out)
+
+
+def _dupe_factor(minutes: float) -> int:
+    """Passes over the corpus: ~1 per 2 minutes of budget (each pass is ~8k instances, about what the
+    `mini` model trains on in two CPU minutes), between 1 and 5."""
+    return max(1, min(5, round(minutes / 2)))
+
+
+def _seconds_per_step(config: DemoConfig, data_dir: Path) -> float:
+    """Wall seconds of one training step of the demo's model on real batches (2 untimed steps, then 3 timed)."""
+    from bertforge.config import resolve_model_config
+    from bertforge.data.dataset import PretrainData, collate_pretrain
+    from bertforge.heads import BertForPreTraining
+    from bertforge.optim import build_optimizer
+    from bertforge.pretrain import count_targets, pretraining_loss
+
+    data = PretrainData(data_dir, verify="size")
+    store = data.split("train")
+    model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
+    model = BertForPreTraining(model_config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    optimizer = build_optimizer(model, "adamw", lr=LEARNING_RATE, weight_decay=0.01)
+    times = []
+    for step in range(5):
+        batch = collate_pretrain([store[(step * BATCH_SIZE + i) % len(store)] for i in range(BATCH_SIZE)],
+                                 data.special_ids.pad)
+        begin = time.perf_counter()
+        totals = {name: torch.tensor(value) for name, value in count_targets(batch).items()}
+        loss, _ = pretraining_loss(model, batch, totals)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - begin)
+    return sorted(times[2:])[1]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_demo(config: DemoConfig) -> str:
+    """Run the demo end to end and return the report (the CLI prints it)."""
+    start = time.monotonic()
+    _check_out(config)
+    from bertforge.data.prepare import prepare
+    from bertforge.data.shards import is_data_dir
+    from bertforge.hf import load_model
+    from bertforge.pretrain import PretrainConfig, pretrain
+    from bertforge.tokenizer import load_tokenizer, train_tokenizer
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
+                              + "\n", encoding="utf-8")
+    corpus = default_corpus_files()
+    tokenizer_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "run"
+
+    if config.resume and (tokenizer_dir / "vocab.txt").is_file():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        _say(f"[1/4] tokenizer: training a {VOCAB_SIZE:,}-entry WordPiece vocabulary on the bundled corpus "
+             f"({len(corpus)} files)")
+        tokenizer = train_tokenizer(corpus, tokenizer_dir, vocab_size=VOCAB_SIZE)
+    if not (config.resume and is_data_dir(data_dir)):
+        dupe_factor = _dupe_factor(config.minutes)
+        _say(f"[2/4] prepare: NSP + MLM instances, sequences of {MAX_SEQ_LEN}, duplication factor {dupe_factor}")
+        prepare(corpus, tokenizer_dir, data_dir, max_seq_len=MAX_SEQ_LEN, dupe_factor=dupe_factor,
+                validation_fraction=VALIDATION_FRACTION, seed=config.seed, overwrite=True)
+
+    # Keep back time for the final evaluation, the export and the report (a few seconds each on a CPU).
+    reserve = min(30.0, 0.08 * config.minutes * 60)
+    train_seconds = max(3.0, config.minutes * 60 - (time.monotonic() - start) - reserve)
+    if config.resume and (run_dir / "config.json").is_file():
+        # Continue the interrupted run as it was planned (its schedule and steps are part of the run).
+        _say(f"[3/4] pretrain: resuming {run_dir} for at most {train_seconds / 60:.1f} minutes")
+        result = pretrain(PretrainConfig.from_run(run_dir, max_minutes=train_seconds / 60))
+    else:
+        seconds_per_step = _seconds_per_step(config, data_dir)
+        # The schedule must end when the budget does (linear decay to 0 at the last step), so size it from the
+        # measured step time; evaluations (4, on a few hundred instances) cost about 10% on top.
+        steps = max(4, int(0.9 * train_seconds / seconds_per_step))
+        _say(f"[3/4] pretrain: `{config.model}`, {steps:,} steps of {BATCH_SIZE} in ~{train_seconds / 60:.1f} "
+             f"minutes ({seconds_per_step:.2f} s/step measured)")
+        result = pretrain(PretrainConfig(
+            data=data_dir, out=run_dir, model=config.model, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
+            warmup_steps=max(1, steps // 20), max_steps=steps, dropout=0.0, seed=config.seed,
+            log_every=max(1, steps // 100), eval_every=max(1, steps // 4), save_every=max(1, steps // 4),
+            keep_last=1, max_minutes=train_seconds / 60, overwrite=True))
+    if result.interrupted:
+        raise KeyboardInterrupt
+    _say(result.summary)
+
+    _say("[4/4] report")
+    baselines = validation_baselines(data_dir)
+    evaluation = _last_evaluation(run_dir)
+    model = load_model(run_dir).model.eval()
+    return _report(config, baselines, evaluation, model, tokenizer, run_dir, time.monotonic() - start)
+
+
+def _last_evaluation(run_dir: Path) -> dict:
+    from bertforge.monitor import METRICS_FILE, read_metrics
+
+    evaluations = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("split") == "validation"]
+    if not evaluations:
+        raise BertforgeError(f"{run_dir / METRICS_FILE} holds no validation line; the run ended before evaluating")
+    return evaluations[-1]
+
+
+def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model, tokenizer, run_dir: Path,
+            seconds: float) -> str:
+    mlm, nsp = evaluation["mlm_accuracy"], evaluation["nsp_accuracy"]
+    lines = [
+        "",
+        f"bertforge demo: `{config.model}` pre-trained for {evaluation['step']:,} steps "
+        f"({seconds / 60:.1f} minutes in all, on {torch.get_num_threads()} CPU threads)",
+        f"held-out validation split: {baselines.instances:,} instances, {baselines.masked_tokens:,} masked tokens",
+        f"  {'':24}{'model':>8}  {'baseline':>8}  {'gain':>7}",
+        f"  {'MLM accuracy':24}{mlm:8.1%}  {baselines.mlm_unigram:8.1%}  {100 * (mlm - baselines.mlm_unigram):+6.1f}"
+        f"   baseline: always \"{baselines.mlm_unigram_token}\" (the commonest masked token)",
+        f"  {'NSP accuracy':24}{nsp:8.1%}  {baselines.nsp_majority:8.1%}  {100 * (nsp - baselines.nsp_majority):+6.1f}"
+        f"   baseline: always {baselines.nsp_majority_label} (the majority class)",
+        f"  {'MLM perplexity':24}{evaluation.get('perplexity', float('nan')):8.1f}",
+        "",
+        "fill-mask (top 5):",
+    ]
+    for text in FILL_MASK_EXAMPLES:
+        for predictions in fill_mask(model, tokenizer, text):
+            shown = ", ".join(f"{token} {prob:.2f}" for token, prob in predictions)
+            lines.append(f"  {text}\n      -> {shown}")
+    lines += ["", "next sentence prediction:"]
+    for first, second, follows in NSP_EXAMPLES:
+        probability = next_sentence_probability(model, tokenizer, first, second)
+        lines.append(f"  A: {first}  B: {second}\n      -> P(IsNext) = {probability:.2f}"
+                     f"  ({'IsNext' if follows else 'NotNext'} in the paper)")
+    lines += [
+        "",
+        f"run:    {run_dir}   (metrics.jsonl, checkpoints/)",
+        f"model:  {run_dir / 'model'}   (Hugging Face format; try `bertforge fill-mask --model {run_dir / 'model'} "
+        f"\"the man went to the [MASK] store .\"`)",
+        f"curves: {run_dir / 'curves.png'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,365 @@
+"""Fine-tuning stage: load a pre-trained encoder, put a task head on it, train with the shared loop, keep the
+best epoch, export it, and predict with it later.
+
+    DIR/model/                  Hugging Face folder of the best epoch (task head, label names, tokenizer) +
+                                finetune.json (task, options, labels: what `predict` needs)
+    DIR/metrics.json            best-epoch dev metrics (mean over seeds, `*_std` when several), best_epoch, history
+    DIR/dev_predictions.*       the exported model's dev predictions (.tsv classify, .conll ner, .json qa)
+    DIR/curves.png              train loss and dev metric per epoch, every seed
+    DIR/runs/seed_S/            metrics.jsonl (+ curves.png) of each seed, as pre-training writes them
+
+Training runs `bertforge.loop.train` with one evaluation per epoch (`eval_every` = steps per epoch); the
+evaluation function scores the dev set and keeps a CPU copy of the best weights so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bertforge import heads, hf, loop, optim
+from bertforge.errors import BertforgeError
+from bertforge.monitor import Monitor, read_metrics
+from bertforge.tasks import TASKS, TaskOptions
+from bertforge.tasks.base import Evaluation, Feature, collate_features
+from bertforge.tokenizer import Tokenizer, load_tokenizer
+
+HEADS: dict[str, type[nn.Module]] = {
+    "BertForSequenceClassification": heads.BertForSequenceClassification,
+    "BertForTokenClassification": heads.BertForTokenClassification,
+    "BertForQuestionAnswering": heads.BertForQuestionAnswering,
+}
+# The dev metric that picks the best epoch (and the exported seed).
+MAIN_METRIC = {"classify": "accuracy", "regression": "pearson", "ner": "f1", "qa": "f1"}
+PREDICTION_SUFFIX = {"classify": ".tsv", "ner": ".conll", "qa": ".json"}
+TASK_FILE = "finetune.json"
+OUTPUTS = ("model", "metrics.json", "curves.png", "runs", *(f"dev_predictions{s}" for s in PREDICTION_SUFFIX.values()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; the CLI flags map one to one onto these fields."""
+
+    task: str                                   # classify | ner | qa
+    model: str                                  # run folder, model folder or any Hugging Face BERT folder
+    train: str
+    dev: str
+    out: str
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_seq_len: int | None = None              # None: 128 (classify, ner) or 384 (qa)
+    seed: int = 42
+    seeds: tuple[int, ...] | None = None        # several seeds: mean and std of the metrics
+    max_train_examples: int | None = None       # a fixed subset of the training file (its first N examples)
+    length_bucketing: bool = False              # batches of similar lengths (less padding, less shuffling)
+    precision: str = "fp32"
+    device: str = "auto"
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+    regression: bool = False
+    doc_stride: int = 128
+    max_query_len: int = 64
+    max_answer_len: int = 30
+    n_best: int = 20
+    lang: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BertforgeError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len < 8:
+            raise BertforgeError(f"--max-seq-len must be at least 8, got {self.max_seq_len}")
+        if self.max_train_examples is not None and self.max_train_examples <= 0:
+            raise BertforgeError(f"--max-train-examples must be positive, got {self.max_train_examples}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise BertforgeError("--lr must be positive, --weight-decay non-negative and --warmup-ratio in [0, 1)")
+        if self.precision not in loop.PRECISIONS:
+            raise BertforgeError(f"--precision must be one of {', '.join(loop.PRECISIONS)}, got {self.precision!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise BertforgeError("--seeds needs distinct integers, e.g. --seeds 1,2,3")
+        if self.regression and self.task != "classify":
+            raise BertforgeError("--regression applies to the classify task only")
+        self.task_options()  # validates the task options too
+
+    def task_options(self) -> TaskOptions:
+        return TaskOptions(text_columns=self.text_columns, label_column=self.label_column, regression=self.regression,
+                           doc_stride=self.doc_stride, max_query_len=self.max_query_len,
+                           max_answer_len=self.max_answer_len, n_best=self.n_best, lang=self.lang)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BertforgeError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BertforgeError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+
+
+def load_task_model(path: str | Path, architecture: str, num_labels: int | None, max_seq_len: int,
+                    ) -> tuple[nn.Module, Tokenizer, list[str]]:
+    """The model with its task head (`hf.load_for_task`), its tokenizer and load notes; checks the window fits."""
+    loaded = hf.load_for_task(path, HEADS[architecture], num_labels)
+    if loaded.tokenizer_dir is None:
+        raise BertforgeError(f"{path} has no vocabulary (vocab.txt or tokenizer.json) next to its weights; copy "
+                             "the tokenizer files of the model into the folder")
+    if max_seq_len > loaded.config.max_position_embeddings:
+        raise BertforgeError(f"--max-seq-len {max_seq_len} exceeds the model's position table "
+                             f"({loaded.config.max_position_embeddings} positions); lower --max-seq-len")
+    return loaded.model, load_tokenizer(loaded.tokenizer_dir), loaded.notes
+
+
+def _outputs(logits: Any) -> torch.Tensor:
+    """Head output -> one tensor: (B, C), (B, T, C), or (B, T, 2) for a QA (start, end) pair."""
+    return torch.stack(logits, dim=-1) if isinstance(logits, tuple) else logits
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, features: list[Feature], *, pad_id: int, batch_size: int,
+              device: torch.device) -> list[np.ndarray]:
+    """Logits of every feature in input order, trimmed to its length (batched longest-first to pad little)."""
+    order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
+    outputs: list[np.ndarray] = [np.empty(0)] * len(features)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin:begin + batch_size]
+        batch = collate_features([features[i] for i in chunk], pad_id)
+        batch.pop("labels", None)
+        logits = _outputs(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu().numpy()
+        for row, i in enumerate(chunk):
+            outputs[i] = logits[row] if logits.ndim == 2 else logits[row, :len(features[i].input_ids)]
+    return outputs
+
+
+def _bucketed(features: list[Feature], batch_size: int, seed: int) -> list[list[Feature]]:
+    """Batches of similar length: shuffle, sort each run of 50 batches by length, cut (a 'sortish' order)."""
+    order = list(range(len(features)))
+    random.Random(seed).shuffle(order)
+    span = 50 * batch_size
+    batches = []
+    for begin in range(0, len(order), span):
+        run = sorted(order[begin:begin + span], key=lambda i: len(features[i].input_ids))
+        batches += [[features[i] for i in run[k:k + batch_size]] for k in range(0, len(run), batch_size)]
+    return batches
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path], main: str, out_png: Path) -> None:
+    """Train loss per step and the dev metric per epoch, one line per seed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax_loss, ax_metric = figure.subplots(1, 2)
+    for seed, history in histories.items():
+        train = [r for r in read_metrics(run_dirs[seed] / "metrics.jsonl") if "split" not in r and "loss" in r]
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"seed {seed}", linewidth=1.2)
+        ax_metric.plot([h["epoch"] for h in history], [h["metrics"].get(main, math.nan) for h in history],
+                       marker="o", label=f"seed {seed}")
+    ax_loss.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    ax_metric.set(title=f"dev {main}", xlabel="epoch", ylabel=main)
+    for axis in (ax_loss, ax_metric):
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.savefig(out_png, format="png")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present and not overwrite:
+        raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass --overwrite "
+                             "or choose another --out")
+    for name in present:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features: list[Feature],
+                    evaluate: Callable[[nn.Module], Evaluation], device: torch.device, run_dir: Path,
+                    max_seq_len: int) -> dict[str, Any]:
+    """One seed: fresh head, the shared loop with one evaluation per epoch; returns best epoch, weights, history."""
+    torch.manual_seed(seed)
+    model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
+    model.to(device)
+    if config.length_bucketing:
+        dataset: list = _bucketed(train_features, config.batch_size, seed)
+        loader = loop.StepLoader(dataset, lambda items: collate_features(items[0], tokenizer.pad_id),
+                                 batch_size=1, seed=seed)
+    else:
+        dataset = train_features
+        loader = loop.StepLoader(dataset, partial(collate_features, pad_id=tokenizer.pad_id),
+                                 batch_size=config.batch_size, seed=seed)
+    steps_per_epoch = math.ceil(len(dataset) / loader.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = optim.build_optimizer(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
+                                      total_steps=total_steps)
+    main = MAIN_METRIC["regression" if config.regression else config.task]
+    best: dict[str, Any] = {"score": -math.inf}
+    history: list[dict[str, Any]] = []
+
+    def evaluate_fn(current: nn.Module) -> dict[str, float]:
+        evaluation = evaluate(current)
+        epoch = len(history) + 1
+        history.append({"epoch": epoch, "step": epoch * steps_per_epoch, "metrics": evaluation.metrics})
+        score = evaluation.metrics.get(main, -math.inf)
+        if score > best["score"]:  # first epoch wins ties: fewer updates for the same dev score
+            best.update(score=score, epoch=epoch, evaluation=evaluation,
+                        state={k: v.detach().cpu().clone() for k, v in current.state_dict().items()})
+        return {"epoch": epoch, **_numeric(evaluation.metrics)}
+
+    def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
+        return loss, {"tokens": batch["attention_mask"].sum().float()}
+
+    monitor = Monitor(run_dir, total_steps=total_steps, desc=f"finetune {config.task} (seed {seed})")
+    try:
+        result = loop.train(
+            model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+            count_fn=lambda batch: {"units": task.loss_units(batch)}, loss_fn=loss_fn,
+            metrics_fn=lambda stats, steps: {}, evaluate_fn=evaluate_fn, monitor=monitor, run_dir=run_dir,
+            config=loop.LoopConfig(max_steps=total_steps, precision=config.precision,
+                                   log_every=max(1, steps_per_epoch // 10), eval_every=steps_per_epoch,
+                                   keep_last=1),
+            device=device)
+    finally:
+        monitor.close()
+    if "state" not in best:
+        raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) before the first evaluation; "
+                             "nothing to export")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the last step, not the best: not worth its disk
+    model.load_state_dict(best["state"])
+    return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best, "history": history,
+            "stop_reason": result.stop_reason}
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune `config.model` on `config.train`, pick the best epoch on `config.dev`, write DIR (module doc).
+
+    Returns the contents of DIR/metrics.json.
+    """
+    task = TASKS[config.task](config.task_options())
+    out = Path(config.out)
+    train_path, dev_path = Path(config.train), Path(config.dev)
+    train_examples = task.read(train_path)
+    if config.max_train_examples is not None:
+        train_examples = train_examples[:config.max_train_examples]
+    task.fit_labels(train_examples, train_path)
+    dev_examples = task.read(dev_path)
+    if not dev_examples:
+        raise BertforgeError(f"{dev_path}: the dev file has no examples")
+    task.check_labels(dev_examples, dev_path)
+    max_seq_len = config.max_seq_len or task.default_max_seq_len
+    device = resolve_device(config.device)
+    # Checks the folder (vocabulary, position table) before any output is written.
+    _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
+    _prepare_out(out, config.overwrite)
+    for note in notes:
+        print(f"bertforge: {note}")
+    train_features = task.featurize(train_examples, tokenizer, max_seq_len, train=True)
+    dev_features = task.featurize(dev_examples, tokenizer, max_seq_len, train=False)
+
+    def evaluate(model: nn.Module) -> Evaluation:
+        outputs = run_model(model, dev_features, pad_id=tokenizer.pad_id, batch_size=config.eval_batch_size,
+                            device=device)
+        return task.evaluate(dev_examples, dev_features, outputs)
+
+    seeds = list(config.seeds or (config.seed,))
+    runs = [_train_one_seed(config, task, seed, train_features, evaluate, device, out / "runs" / f"seed_{seed}",
+                            max_seq_len) for seed in seeds]
+    main = MAIN_METRIC["regression" if config.regression else config.task]
+    chosen = max(runs, key=lambda r: r["best"]["score"])
+    labels = task.label_names or (["score"] if config.regression else None)
+    hf.export_hf(chosen["model"], chosen["tokenizer"], out / "model", architecture=task.architecture, labels=labels)
+    task_record = {"task": config.task, "max_seq_len": max_seq_len,
+                   "options": dataclasses.asdict(config.task_options()), "state": task.state()}
+    (out / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+    task.write_predictions(dev_examples, chosen["best"]["evaluation"],
+                           out / f"dev_predictions{PREDICTION_SUFFIX[config.task]}")
+    per_seed = [_numeric(r["best"]["evaluation"].metrics) for r in runs]
+    summary: dict[str, Any] = {"task": config.task, "main_metric": main}
+    for key in per_seed[0]:
+        values = np.array([m[key] for m in per_seed])
+        summary[key] = float(values.mean())
+        if len(runs) > 1:
+            summary[f"{key}_std"] = float(values.std(ddof=1))
+    summary["best_epoch"] = chosen["best"]["epoch"]
+    summary["exported_seed"] = chosen["seed"]
+    summary["seeds"] = seeds
+    if "per_type" in chosen["best"]["evaluation"].metrics:
+        summary["per_type"] = chosen["best"]["evaluation"].metrics["per_type"]
+    summary["per_seed"] = [{"seed": r["seed"], "best_epoch": r["best"]["epoch"], "stop_reason": r["stop_reason"],
+                            **m} for r, m in zip(runs, per_seed)]
+    summary["history"] = [{"seed": r["seed"], "epoch": h["epoch"], "step": h["step"], **_numeric(h["metrics"])}
+                          for r in runs for h in r["history"]]
+    summary["config"] = config.to_dict()
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
+          out / "curves.png")
+    return summary
+
+
+def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, batch_size: int = 64,
+            device: str = "auto") -> dict[str, Any]:
+    """Predict `input_file` (same format as training; labels optional) with a fine-tuned folder (DIR or DIR/model).
+
+    Writes `out_file` in the task's prediction format; returns the metrics when the input has labels, else {}.
+    """
+    folder = hf.resolve_model_dir(model_dir)
+    record_path = folder / TASK_FILE
+    if not record_path.is_file():
+        raise BertforgeError(f"{model_dir} is not a fine-tuned folder (no {TASK_FILE}); pass the --out folder of "
+                             "`bertforge finetune`")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    options = record["options"]
+    options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
+    task_class = TASKS[record["task"]]
+    task = task_class(TaskOptions(**options), **record["state"])
+    torch_device = resolve_device(device)
+    model, tokenizer, _ = load_task_model(folder, task.architecture, None, record["max_seq_len"])
+    model.to(torch_device).eval()
+    examples = task.read(Path(input_file), labelled=False)
+    labelled = bool(examples) and all(_has_label(e) for e in examples)
+    if labelled:
+        task.check_labels(examples, Path(input_file))
+    features = task.featurize(examples, tokenizer, record["max_seq_len"], train=False)
+    outputs = run_model(model, features, pad_id=tokenizer.pad_id, batch_size=batch_size, device=torch_device)
+    evaluation = task.evaluate(examples, features, outputs, labelled=labelled)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    task.write_predictions(examples, evaluation, Path(out_file))
+    return _numeric(evaluation.metrics)
+
+
+def _has_label(example: Any) -> bool:
+    """Whether an example of any task carries its gold label (class, tags or reference answers)."""
+    value = next((getattr(example, name) for name in ("label", "tags", "answers") if hasattr(example, name)), None)
+    return value not in (None, [])

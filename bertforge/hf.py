@@ -1,0 +1,451 @@
+"""Hugging Face interop: the only module that knows Hugging Face names.
+
+- `KEY_MAP`: our parameter names <-> `transformers` BERT names (pure renames; q/k/v stay separate).
+- `config.json` <-> `ModelConfig` (every `BertConfig` field is written; unsupported features are refused).
+- `export_hf`: a byte-deterministic Hugging Face folder (fixed key order, `{"format": "pt"}` metadata only, sorted
+  JSON), written atomically.
+- `load_model` / `load_for_task`: a run folder, a checkpoint folder or a Hugging Face BERT folder
+  (`BertForPreTraining`, `BertForMaskedLM`, bare `BertModel`, task models) -> our model; heads the folder lacks are
+  initialised fresh and listed in `notes`. Pickles are read only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint
+from bertforge.config import ACTIVATIONS, ModelConfig
+from bertforge.errors import BertforgeError
+from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
+                             BertForTokenClassification)
+
+WEIGHTS_NAME = "model.safetensors"
+SHARDED_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAME = "pytorch_model.bin"
+CONFIG_NAME = "config.json"
+
+# Hugging Face architecture name <-> our class.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "BertForPreTraining": BertForPreTraining,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "BertForTokenClassification": BertForTokenClassification,
+    "BertForQuestionAnswering": BertForQuestionAnswering,
+}
+
+# Ours -> Hugging Face, as module paths ({n} = layer index); a parameter keeps its `.weight` / `.bias` suffix.
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("bert.embeddings.word_embeddings", "bert.embeddings.word_embeddings"),
+    ("bert.embeddings.position_embeddings", "bert.embeddings.position_embeddings"),
+    ("bert.embeddings.token_type_embeddings", "bert.embeddings.token_type_embeddings"),
+    ("bert.embeddings.layer_norm", "bert.embeddings.LayerNorm"),
+    ("bert.encoder.layers.{n}.attention.query", "bert.encoder.layer.{n}.attention.self.query"),
+    ("bert.encoder.layers.{n}.attention.key", "bert.encoder.layer.{n}.attention.self.key"),
+    ("bert.encoder.layers.{n}.attention.value", "bert.encoder.layer.{n}.attention.self.value"),
+    ("bert.encoder.layers.{n}.attention.output", "bert.encoder.layer.{n}.attention.output.dense"),
+    ("bert.encoder.layers.{n}.attention.layer_norm", "bert.encoder.layer.{n}.attention.output.LayerNorm"),
+    ("bert.encoder.layers.{n}.feed_forward.intermediate", "bert.encoder.layer.{n}.intermediate.dense"),
+    ("bert.encoder.layers.{n}.feed_forward.output", "bert.encoder.layer.{n}.output.dense"),
+    ("bert.encoder.layers.{n}.feed_forward.layer_norm", "bert.encoder.layer.{n}.output.LayerNorm"),
+    ("bert.pooler.dense", "bert.pooler.dense"),
+    ("mlm.dense", "cls.predictions.transform.dense"),
+    ("mlm.layer_norm", "cls.predictions.transform.LayerNorm"),
+    ("mlm.bias", "cls.predictions.bias"),
+    ("nsp.classifier", "cls.seq_relationship"),
+    ("classifier", "classifier"),
+    ("qa_outputs", "qa_outputs"),
+)
+
+# BertConfig fields we do not model, written with the values that mean "plain BERT encoder".
+_FIXED_HF_FIELDS: dict[str, Any] = {
+    "model_type": "bert", "position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
+    "use_cache": True, "tie_word_embeddings": True, "classifier_dropout": None, "bos_token_id": None,
+    "eos_token_id": None,
+}
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{n\}", r"(?P<n>\d+)") + r"(?P<suffix>\.weight|\.bias)?$")
+
+
+_TO_HF = tuple((_pattern(ours), hf) for ours, hf in KEY_MAP)
+_FROM_HF = tuple((_pattern(hf), ours) for ours, hf in KEY_MAP)
+
+
+def _rename(key: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+    for pattern, template in table:
+        match = pattern.match(key)
+        if match:
+            layer = match.groupdict().get("n") or ""
+            return template.replace("{n}", layer) + (match.group("suffix") or "")
+    return None
+
+
+def to_hf_key(key: str) -> str:
+    """Our state-dict key -> the `transformers` one (e.g. `mlm.bias` -> `cls.predictions.bias`)."""
+    hf_key = _rename(key, _TO_HF)
+    assert hf_key is not None, f"no Hugging Face name for {key}"
+    return hf_key
+
+
+def from_hf_key(key: str) -> str | None:
+    """A `transformers` BERT key (with `bert.` prefix) -> ours, or None for weights we have no place for."""
+    return _rename(key, _FROM_HF)
+
+
+# ----------------------------------------------------------------------------------------------- config.json
+
+def config_from_hf(data: dict[str, Any], source: str) -> ModelConfig:
+    """A Hugging Face `config.json` dict -> ModelConfig; refuses BERT variants we do not implement."""
+    model_type = data.get("model_type", "bert")
+    if model_type != "bert":
+        raise BertforgeError(f"{source} describes a {model_type!r} model; bertforge handles BERT models "
+                             "(model_type \"bert\") only")
+    position_type = data.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise BertforgeError(f"{source} uses position_embedding_type {position_type!r}; bertforge implements only "
+                             "\"absolute\" position embeddings, so this model would load wrongly")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if data.get(flag):
+            raise BertforgeError(f"{source} has {flag}=true (a decoder configuration); bertforge loads BERT "
+                                 "encoders only")
+    if data.get("hidden_act", "gelu") not in ACTIVATIONS:
+        raise BertforgeError(f"{source} uses hidden_act {data['hidden_act']!r}; bertforge supports "
+                             f"{', '.join(ACTIVATIONS)}")
+    fields = {key: value for key, value in data.items() if value is not None}
+    return ModelConfig.from_dict(fields, source=source, strict=False)
+
+
+def config_to_hf(config: ModelConfig, architecture: str, *, labels: Sequence[str] | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """ModelConfig -> a complete `BertConfig` dict for `architecture` (label names for task heads)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    data: dict[str, Any] = {**config.to_dict(), **_FIXED_HF_FIELDS, "architectures": [architecture],
+                            "dtype": dtype_name, "torch_dtype": dtype_name}
+    if labels is not None:
+        data["num_labels"] = len(labels)
+        data["id2label"] = {str(index): name for index, name in enumerate(labels)}
+        data["label2id"] = {name: index for index, name in enumerate(labels)}
+    if architecture == "BertForSequenceClassification":
+        data["problem_type"] = "regression" if labels is not None and len(labels) == 1 else \
+            "single_label_classification"
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BertforgeError(f"{path} is missing; a model folder needs its config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BertforgeError(f"{path} is not valid JSON ({exc}); re-export or fix the file") from None
+    if not isinstance(data, dict):
+        raise BertforgeError(f"{path} must hold a JSON object")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+def _architecture_of(model: nn.Module) -> str:
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"cannot export a {type(model).__name__}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Our model's weights under `transformers` names, sorted by name, contiguous, on the CPU."""
+    state = {to_hf_key(key): tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
+    return dict(sorted(state.items()))
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` folder to `out_dir`, replacing an earlier model folder there."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file()):
+            shutil.rmtree(tmp)
+            raise BertforgeError(f"{out_dir} exists and is not a model folder; choose another output folder")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architecture: str | None = None,
+              labels: Sequence[str] | None = None) -> None:
+    """Write `model` as a Hugging Face BERT folder: config.json, model.safetensors and the tokenizer files.
+
+    Byte-deterministic (same weights -> same bytes) and atomic (written beside `out_dir`, then renamed).
+    `labels`: class names of a classification head (written as id2label/label2id); one name = regression.
+    """
+    out_dir = Path(out_dir)
+    architecture = architecture or _architecture_of(model)
+    if labels is not None and len(labels) != getattr(model, "num_labels", len(labels)):
+        raise BertforgeError(f"{len(labels)} label names given for a head with {model.num_labels} outputs")
+    if labels is None and hasattr(model, "num_labels"):
+        labels = [f"LABEL_{index}" for index in range(model.num_labels)]
+    state = hf_state_dict(model)
+    dtype = next(iter(state.values())).dtype
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
+    tokenizer.save(tmp)
+    _replace_dir(tmp, out_dir)
+
+
+# ------------------------------------------------------------------------------------------------------ import
+
+@dataclass
+class LoadedModel:
+    """What `load_model` / `load_for_task` found: the model, its config, where its vocabulary is, and notes for
+    the user (heads initialised fresh, weights ignored, dtype converted)."""
+
+    model: nn.Module
+    config: ModelConfig
+    tokenizer_dir: Path | None
+    architecture: str
+    notes: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # class names of a task head (id2label order), when the folder has them
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / WEIGHTS_NAME).is_file() and (path / "meta.json").is_file()
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run folder, checkpoint folder or model folder -> the folder that holds the weights.
+
+    RUN -> RUN/model if it exists, else RUN's newest complete checkpoint (RUN/checkpoints/step_*/ holding
+    model.safetensors and meta.json); a checkpoint or Hugging Face folder is returned as is.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BertforgeError(f"model folder {path} does not exist; pass a run folder, a checkpoint folder or a "
+                             "Hugging Face BERT folder")
+    if (path / "model" / CONFIG_NAME).is_file():
+        return path / "model"
+    if _is_checkpoint(path) or (path / CONFIG_NAME).is_file() and (
+            (path / WEIGHTS_NAME).is_file() or (path / SHARDED_INDEX_NAME).is_file() or (path / PICKLE_NAME).is_file()):
+        return path
+    if (path / CHECKPOINTS_DIR).is_dir():
+        newest = latest_complete_checkpoint(path)  # verifies sizes and sha256s
+        if newest is None:
+            raise BertforgeError(f"run folder {path} has no complete checkpoint yet; wait for the first save")
+        return newest
+    if not (path / CONFIG_NAME).is_file():
+        raise BertforgeError(f"{path} has no config.json; it is not a model, checkpoint or run folder")
+    raise BertforgeError(f"{path} has no weights ({WEIGHTS_NAME}, {SHARDED_INDEX_NAME} or {PICKLE_NAME})")
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BertforgeError(f"cannot read {path} ({exc}); the file is damaged or incomplete") from None
+
+
+def _load_pickle(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise BertforgeError(f"{path} needs arbitrary Python objects to unpickle, which could run code, so it was "
+                             "refused for safety; convert it to model.safetensors with a tool you trust") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise BertforgeError(f"cannot read {path} ({exc}); the file is damaged or not a PyTorch state dict") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BertforgeError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def read_weights(model_dir: Path) -> dict[str, Tensor]:
+    """All tensors of a folder: model.safetensors, a sharded index, or pytorch_model.bin (weights only)."""
+    if (model_dir / WEIGHTS_NAME).is_file():
+        return _load_safetensors(model_dir / WEIGHTS_NAME)
+    if (model_dir / SHARDED_INDEX_NAME).is_file():
+        weight_map = _read_json(model_dir / SHARDED_INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BertforgeError(f"{model_dir / SHARDED_INDEX_NAME} has no weight_map")
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_safetensors(model_dir / shard))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise BertforgeError(f"the shards in {model_dir} lack {len(missing)} tensor(s) the index lists "
+                                 f"(e.g. {missing[0]}); the download is incomplete")
+        return state
+    if (model_dir / PICKLE_NAME).is_file():
+        return _load_pickle(model_dir / PICKLE_NAME)
+    raise BertforgeError(f"{model_dir} has no weights ({WEIGHTS_NAME}, {SHARDED_INDEX_NAME} or {PICKLE_NAME})")
+
+
+def _hf_to_ours(state: dict[str, Tensor], notes: list[str]) -> dict[str, Tensor]:
+    """Hugging Face (or TF-converted) BERT keys -> ours; unknown keys are dropped with a note."""
+    normalised: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))  # TF-era LayerNorm names
+        if key.startswith(("embeddings.", "encoder.", "pooler.")):  # a bare BertModel has no `bert.` prefix
+            key = "bert." + key
+        normalised[key] = tensor
+    decoder_bias = normalised.pop("cls.predictions.decoder.bias", None)
+    if decoder_bias is not None:
+        normalised.setdefault("cls.predictions.bias", decoder_bias)
+    decoder = normalised.pop("cls.predictions.decoder.weight", None)
+    words = normalised.get("bert.embeddings.word_embeddings.weight")
+    if decoder is not None and words is not None and not torch.equal(decoder, words):
+        notes.append("the folder's MLM decoder was not tied to the word embeddings; bertforge ties them "
+                     "(the word embeddings are used)")
+    ours: dict[str, Tensor] = {}
+    unknown = []
+    for key, tensor in normalised.items():
+        our_key = from_hf_key(key)
+        if our_key is not None:
+            ours[our_key] = tensor
+        elif not key.endswith("position_ids"):  # an old, redundant buffer
+            unknown.append(key)
+    if unknown:
+        notes.append(f"ignored {len(unknown)} weight(s) bertforge has no place for: {', '.join(sorted(unknown)[:5])}")
+    return ours
+
+
+def _part(key: str) -> str:
+    """Which part of a model a key of ours belongs to (for messages)."""
+    for prefix, name in (("bert.pooler.", "pooler"), ("mlm.", "MLM head"), ("nsp.", "NSP head"),
+                         ("classifier.", "classifier head"), ("qa_outputs.", "QA head")):
+        if key.startswith(prefix):
+            return name
+    return "encoder"
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], source: Path, notes: list[str]) -> None:
+    """Load `state` (our names) into `model`; fresh-initialised heads and unused weights are reported in notes."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tensor.shape != expected[key].shape:
+            raise BertforgeError(f"{source}: {key} has shape {tuple(tensor.shape)} but config.json implies "
+                                 f"{tuple(expected[key].shape)}; the weights do not match the config")
+    missing = [key for key in expected if key not in state]
+    missing_encoder = [key for key in missing if _part(key) == "encoder"]
+    if missing_encoder:
+        raise BertforgeError(f"{source} lacks {len(missing_encoder)} encoder weight(s) (e.g. {missing_encoder[0]}); "
+                             "the checkpoint is incomplete or does not match its config.json")
+    for part in dict.fromkeys(_part(key) for key in missing):
+        notes.append(f"{part} missing from the folder: initialised fresh")
+    unused = dict.fromkeys(_part(key) for key in state if key not in expected)
+    if unused:
+        notes.append(f"not used by {type(model).__name__}: the folder's {', '.join(unused)}")
+    dtypes = {tensor.dtype for tensor in state.values()} - {torch.float32}
+    if dtypes:
+        notes.append(f"weights stored as {', '.join(sorted(str(d) for d in dtypes))} were converted to float32")
+    model.load_state_dict({key: tensor.float() for key, tensor in state.items() if key in expected}, strict=False)
+
+
+def _find_vocab(dirs: list[Path]) -> Path | None:
+    for folder in dirs:
+        if (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file():
+            return folder
+    return None
+
+
+def _read_folder(path: str | Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Tensor], Path | None,
+                                            list[str]]:
+    """Resolve and read a folder: (config, Hugging Face config dict or {}, state in our names, vocab folder, notes)."""
+    model_dir = resolve_model_dir(path)
+    notes: list[str] = []
+    if _is_checkpoint(model_dir):  # a training checkpoint: our own key names, config under "model"
+        run_dir = model_dir.parent.parent
+        config_file = next((p for p in (model_dir / CONFIG_NAME, run_dir / CONFIG_NAME) if p.is_file()), None)
+        if config_file is None:
+            raise BertforgeError(f"no config.json in checkpoint {model_dir} or its run folder {run_dir}")
+        run_config = _read_json(config_file)
+        if not isinstance(run_config.get("model"), dict):
+            raise BertforgeError(f"{config_file} has no \"model\" section; cannot tell the checkpoint's architecture")
+        config = ModelConfig.from_dict(run_config["model"], source=str(config_file), strict=False)
+        data_dirs = [Path(v) for v in run_config.values() if isinstance(v, str) and v and Path(v).is_dir()]
+        for section in run_config.values():
+            if isinstance(section, dict) and isinstance(section.get("data"), str):
+                data_dirs.append(Path(section["data"]))
+        vocab_dir = _find_vocab([model_dir, run_dir, run_dir / "tokenizer", *data_dirs])
+        return config, {}, read_weights(model_dir), vocab_dir, notes
+    hf_config = _read_json(model_dir / CONFIG_NAME)
+    config = config_from_hf(hf_config, str(model_dir / CONFIG_NAME))
+    state = _hf_to_ours(read_weights(model_dir), notes)
+    return config, hf_config, state, _find_vocab([model_dir]), notes
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """A run, checkpoint or Hugging Face BERT folder -> `BertForPreTraining` in eval mode on the CPU.
+
+    Heads the folder lacks (e.g. NSP for `BertForMaskedLM`, both for a bare `BertModel`) are initialised fresh and
+    named in `notes`.
+    """
+    config, hf_config, state, vocab_dir, notes = _read_folder(path)
+    model = BertForPreTraining(config)
+    _load_state(model, state, Path(path), notes)
+    architecture = (hf_config.get("architectures") or ["BertForPreTraining"])[0]
+    return LoadedModel(model.eval(), config, vocab_dir, architecture, notes)
+
+
+def _label_names(id2label: Any, source: str | Path) -> list[str] | None:
+    """config.json's id2label ({"0": "neg", ...}) -> names in id order."""
+    if not isinstance(id2label, dict):
+        return None
+    try:
+        ids = sorted(int(key) for key in id2label)
+    except ValueError:
+        raise BertforgeError(f"{source}: id2label keys must be label ids (0, 1, ...)") from None
+    if ids != list(range(len(ids))):
+        raise BertforgeError(f"{source}: id2label must number its labels 0..{len(ids) - 1} without gaps")
+    return [str(id2label[str(index)]) for index in ids]
+
+
+def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int | None = None) -> LoadedModel:
+    """Load the encoder from any folder `load_model` accepts and put a `task_class` head on it.
+
+    The head's weights are loaded when the folder is a model of the same class with the same number of labels
+    (e.g. for `predict`), otherwise initialised fresh (noted). `num_labels=None` takes the folder's label count.
+    """
+    config, hf_config, state, vocab_dir, notes = _read_folder(path)
+    architecture = next(name for name, cls in ARCHITECTURES.items() if cls is task_class)
+    folder_architecture = (hf_config.get("architectures") or ["BertForPreTraining"])[0]
+    id2label = hf_config.get("id2label") if folder_architecture == architecture else None
+    labels = _label_names(id2label, path)
+    if task_class is BertForQuestionAnswering:
+        model: nn.Module = task_class(config)
+    else:
+        if num_labels is None:
+            if labels is None:
+                raise BertforgeError(f"{path} is not a fine-tuned {architecture}; cannot tell how many labels it has")
+            num_labels = len(labels)
+        model = task_class(config, num_labels)
+    head = "qa_outputs." if task_class is BertForQuestionAnswering else "classifier."
+    head_shapes = {key: model.state_dict()[key].shape for key in model.state_dict() if key.startswith(head)}
+    resized = any(key in state and state[key].shape != shape for key, shape in head_shapes.items())
+    if folder_architecture != architecture or resized:
+        state = {key: tensor for key, tensor in state.items() if not key.startswith(head)}
+        labels = None
+    if resized:
+        notes.append(f"the folder's {architecture} head has a different number of labels than the {num_labels} "
+                     "wanted; it is replaced by a fresh one")
+    _load_state(model, state, Path(path), notes)
+    return LoadedModel(model.eval(), config, vocab_dir, architecture, notes, labels)

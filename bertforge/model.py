@@ -1,0 +1,199 @@
+"""The BERT encoder, in forward order: Embeddings -> SelfAttention -> FeedForward -> Layer -> Encoder -> Pooler -> Bert.
+
+Follows Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding"
+(NAACL 2019, arXiv:1810.04805), §3 and the reference TensorFlow code (google-research/bert, `modeling.py`):
+word + learned position + segment embeddings summed, LayerNorm, dropout; N post-LayerNorm Transformer encoder
+layers (Vaswani et al. 2017), each `LayerNorm(x + Dropout(SelfAttention(x)))` then
+`LayerNorm(x + Dropout(FeedForward(x)))`; the pooler is dense + tanh on the first (`[CLS]`) token.
+Heads (MLM, NSP, task heads) live in `heads.py`; Hugging Face names live in `hf.py`.
+
+Deviations from the reference, all numerically equivalent up to float rounding:
+- attention runs through `torch.nn.functional.scaled_dot_product_attention` (fused kernels where PyTorch has
+  them) with a boolean padding mask instead of the reference's additive -10000 mask;
+- the word-embedding row of `[PAD]` is an ordinary trainable row (as in the reference; Hugging Face pins it);
+- `hidden_act="gelu"` is the exact erf GELU (the Hugging Face default); `"gelu_new"` is the tanh approximation
+  the reference used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertforge.config import ModelConfig
+
+
+def activation(name: str) -> nn.Module:
+    """The feed-forward / MLM-transform activation named by `ModelConfig.hidden_act`."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_new":
+        return nn.GELU(approximate="tanh")
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def init_weights(module: nn.Module, initializer_range: float) -> None:
+    """BERT's initialisation: N(0, initializer_range) weights, zero biases, LayerNorm scale 1 and shift 0.
+
+    Used with `Module.apply` by the encoder and by every head.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=initializer_range)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class Embeddings(nn.Module):
+    """Sum of word, position and segment (token type) embeddings, then LayerNorm and dropout (§3.2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        """(B, T) ids and segment ids -> (B, T, H)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,), broadcast over the batch
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, output projection, dropout, residual and post-LayerNorm.
+
+    q, k and v are three separate `Linear`s so that checkpoints map onto Hugging Face's by renaming alone.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, T, H); mask (B, 1, 1, T) or (B, 1, T, T), True where attention is allowed, or None -> (B, T, H)."""
+        q, k, v = self._split_heads(self.query(x)), self._split_heads(self.key(x)), self._split_heads(self.value(x))
+        dropout_p = self.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, D)
+        context = context.transpose(1, 2).reshape(x.shape)  # (B, T, H)
+        return self.layer_norm(x + self.dropout(self.output(context)))
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward (H -> intermediate -> H), dropout, residual and post-LayerNorm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = activation(config.hidden_act)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, H) -> (B, T, H)."""
+        return self.layer_norm(x + self.dropout(self.output(self.activation(self.intermediate(x)))))
+
+
+class Layer(nn.Module):
+    """One Transformer encoder layer: self-attention block then feed-forward block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, T, H) -> (B, T, H)."""
+        return self.feed_forward(self.attention(x, mask))
+
+
+class Encoder(nn.Module):
+    """A stack of `num_hidden_layers` identical layers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, T, H) -> (B, T, H)."""
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class Pooler(nn.Module):
+    """Dense + tanh on the first token's final hidden state: the sequence vector for NSP and classification."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, sequence_output: Tensor) -> Tensor:
+        """(B, T, H) -> (B, H)."""
+        return torch.tanh(self.dense(sequence_output[:, 0]))
+
+
+def sdpa_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """1/0 padding mask (B, T) or pairwise mask (B, T, T) -> boolean SDPA mask (B, 1, 1, T) / (B, 1, T, T).
+
+    True means "may attend". A (B, T) mask hides padded keys from every query; padded queries still compute
+    (their outputs are ignored by the heads and losses).
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if mask.dim() == 2:
+        return mask[:, None, None, :]
+    if mask.dim() == 3:
+        return mask[:, None, :, :]
+    raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got shape {tuple(attention_mask.shape)}")
+
+
+class Bert(nn.Module):
+    """The BERT encoder: embeddings, Transformer layers and (optionally) the pooler.
+
+    `with_pooler=False` matches Hugging Face's token-level heads (token classification, QA), which have no pooler.
+    """
+
+    def __init__(self, config: ModelConfig, *, with_pooler: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config) if with_pooler else None
+        self.apply(lambda module: init_weights(module, config.initializer_range))
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """input_ids (B, T); token_type_ids (B, T), default all 0; attention_mask (B, T) 1 = token, 0 = padding
+        (or (B, T, T)), default all 1.
+
+        Returns (sequence_output (B, T, H), pooled_output (B, H), or None without a pooler).
+        """
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        sequence_output = self.encoder(x, sdpa_mask(attention_mask))
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return sequence_output, pooled_output

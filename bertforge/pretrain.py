@@ -1,0 +1,447 @@
+"""Pre-training stage: DATA shards -> BertForPreTraining -> the shared loop, with the paper's MLM + NSP loss.
+
+Loss = MLM cross-entropy + NSP cross-entropy (BERT §A.2: "the sum of the mean masked LM likelihood and the
+mean next sentence prediction likelihood"). The MLM term is the mean over every masked position of the whole
+optimizer step and the NSP term the mean over all its sequences, so splitting a batch into micro-batches (or
+processes) changes neither the loss nor the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertforge import checkpoint, distributed
+from bertforge.config import PRESETS, ModelConfig, resolve_model_config
+from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
+from bertforge.errors import BertforgeError
+from bertforge.heads import IGNORE_INDEX, BertForPreTraining
+from bertforge.hf import export_hf, load_model
+from bertforge.loop import PRECISIONS, LoopConfig, StepLoader, autocast_context, train
+from bertforge.monitor import Monitor, summarize_run
+from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
+from bertforge.tokenizer import load_tokenizer
+
+RUN_KIND = "bertforge-pretrain"
+CONFIG_FILE = "config.json"
+# Settings that define a run: `--resume` refuses to change them (the others may change between sessions).
+RUN_DEFINING = ("model", "init", "batch_size", "grad_accum", "lr", "warmup_steps", "max_steps", "epochs",
+                "weight_decay", "seed", "dynamic_masking", "optimizer", "dropout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """Everything `bertforge pretrain` needs; the CLI flags are these fields."""
+
+    data: Path
+    out: Path
+    model: str = "mini"                 # tiny|mini|small|medium|base|large or a CONFIG.json (architecture only)
+    init: Path | None = None            # start from these weights and their architecture
+    batch_size: int = 32                # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int | None = None     # default: 10% of the steps, at most 10,000
+    max_steps: int | None = None        # with `epochs`, whichever ends first; neither: one epoch
+    epochs: float | None = None
+    weight_decay: float = 0.01
+    precision: str = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = 1000
+    save_every: int | None = 1000
+    keep_last: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    dynamic_masking: bool = False
+    optimizer: str = "adamw"
+    dropout: float | None = None        # hidden and attention dropout (default: the model config's)
+    max_minutes: float | None = None    # time budget: stop (evaluate, save, export) when spent
+    on_nan: str = "stop"
+    eval_batches: int | None = None     # cap on validation batches per evaluation (default: all)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "out", "init"):  # absolute, so the saved config stays valid from any directory
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).absolute())
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "save_every", "keep_last", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("epochs", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise BertforgeError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BertforgeError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise BertforgeError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if not 0 <= self.weight_decay < 1:
+            raise BertforgeError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": ("auto", "cpu", "cuda"),
+                   "on_nan": ("stop", "rollback")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BertforgeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of "
+                                     f"{', '.join(allowed)}")
+        if self.resume and self.overwrite:
+            raise BertforgeError("--resume and --overwrite contradict each other; pass one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **overrides: Any) -> "PretrainConfig":
+        """The config saved in `run_dir`, with `overrides`, set to resume (what `--resume` starts from)."""
+        saved = dict(read_run_config(Path(run_dir))["pretrain"])
+        saved.update(overrides, out=Path(run_dir), resume=True, overwrite=False)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclass
+class RunResult:
+    """Where a run ended and what it wrote."""
+
+    run_dir: Path
+    step: int
+    stop_reason: str                    # "max_steps" | "time_budget" | "signal"
+    checkpoint: Path | None
+    model_dir: Path | None              # RUN/model (None when interrupted)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "signal"
+
+
+# ---------------------------------------------------------------------------------------------- loss + metrics
+
+def count_targets(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Normalisers of a micro-batch: masked positions and sequences."""
+    return {"masked": float((batch["masked_lm_labels"] != IGNORE_INDEX).sum()),
+            "sequences": float(batch["next_sentence_label"].numel())}
+
+
+def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the step loss: sum(MLM CE) / step masked + sum(NSP CE) / step sequences.
+
+    batch: collate_pretrain output (B, T) / (B, P) / (B,). Returns the loss and additive statistics.
+    """
+    labels = batch["masked_lm_labels"]  # (B, P), -100 = padding
+    output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                   batch["masked_lm_positions"], labels)
+    targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
+    mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
+    mlm_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
+    nsp_sum = F.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="sum")
+    mlm_loss, nsp_loss = mlm_sum / totals["masked"], nsp_sum / totals["sequences"]
+    with torch.no_grad():
+        stats = {"mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+                 "mlm_correct": (mlm_logits.argmax(-1) == targets).sum(),
+                 "mlm_count": torch.tensor(targets.numel()),
+                 "nsp_correct": (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum(),
+                 "nsp_count": torch.tensor(nsp_logits.shape[0]),
+                 "tokens": batch["attention_mask"].sum()}
+    return mlm_loss + nsp_loss, stats
+
+
+def pretraining_metrics(summed: dict[str, float], steps: int) -> dict[str, float]:
+    """Logged training metrics from statistics summed over `steps` steps."""
+    return {"mlm_loss": summed["mlm_loss"] / steps, "nsp_loss": summed["nsp_loss"] / steps,
+            "mlm_accuracy": summed["mlm_correct"] / max(1.0, summed["mlm_count"]),
+            "nsp_accuracy": summed["nsp_correct"] / max(1.0, summed["nsp_count"])}
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: torch.device, pad_id: int,
+                   max_batches: int | None = None) -> dict[str, float]:
+    """MLM loss/accuracy/perplexity and NSP loss/accuracy over `store` (masks as stored), in order.
+
+    Processes take every world_size-th batch; sums are reduced over processes.
+    """
+    num_batches = math.ceil(len(store) / batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # mlm CE, correct, count; nsp CE, correct, count
+    for index in range(distributed.rank(), num_batches, distributed.world_size()):
+        items = [store[i] for i in range(index * batch_size, min(len(store), (index + 1) * batch_size))]
+        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id).items()}
+        labels = batch["masked_lm_labels"]
+        output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                       batch["masked_lm_positions"], labels)
+        targets, nsp_labels = labels[labels != IGNORE_INDEX], batch["next_sentence_label"]
+        mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()
+        sums += torch.stack([F.cross_entropy(mlm_logits, targets, reduction="sum"),
+                             (mlm_logits.argmax(-1) == targets).sum(), torch.tensor(targets.numel(), device=device),
+                             F.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
+                             (nsp_logits.argmax(-1) == nsp_labels).sum(),
+                             torch.tensor(nsp_labels.numel(), device=device)]).double()
+    mlm_ce, mlm_correct, mlm_count, nsp_ce, nsp_correct, nsp_count = distributed.all_reduce_sum(sums).tolist()
+    if nsp_count == 0:
+        raise BertforgeError("the validation split holds no instances; prepare with --validation-fraction > 0")
+    mlm_loss = mlm_ce / max(1.0, mlm_count)
+    return {"mlm_loss": mlm_loss, "mlm_accuracy": mlm_correct / max(1.0, mlm_count),
+            "perplexity": math.exp(min(mlm_loss, 700.0)), "nsp_loss": nsp_ce / nsp_count,
+            "nsp_accuracy": nsp_correct / nsp_count, "instances": int(nsp_count), "masked_tokens": int(mlm_count)}
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BertforgeError(f"{run_dir} holds no bertforge run ({CONFIG_FILE} missing); nothing to resume — "
+                             "start it without --resume") from None
+    except (OSError, ValueError) as exc:
+        raise BertforgeError(f"{path} is unreadable ({exc}); start a new run with --overwrite") from None
+    if not isinstance(saved, dict) or saved.get("kind") != RUN_KIND:
+        raise BertforgeError(f"{path} is not a bertforge pre-training run config; choose another --out")
+    return saved
+
+
+def data_fingerprint(data: PretrainData) -> str:
+    """Identifies a DATA folder's content wherever it lives (its manifest's own checksum)."""
+    return str(data.manifest.get("manifest_sha256") or
+               hashlib.sha256((data.path / "manifest.json").read_bytes()).hexdigest())
+
+
+def _out_needs_clearing(config: PretrainConfig) -> bool:
+    """Refuses an --out that holds something else; True when --overwrite must delete the run there."""
+    out = config.out
+    if config.resume or not out.exists():
+        return False
+    if not out.is_dir():
+        raise BertforgeError(f"--out {out} is a file; choose a folder")
+    if not any(out.iterdir()):
+        return False
+    is_run = (out / CONFIG_FILE).is_file() or (out / checkpoint.CHECKPOINTS_DIR).is_dir()
+    if not is_run:
+        raise BertforgeError(f"--out {out} holds other files, not a bertforge run; choose an empty or new folder")
+    if not config.overwrite:
+        raise BertforgeError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
+                             "start over (deleting it)")
+    return True
+
+
+def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: str) -> None:
+    if saved.get("data_fingerprint") != fingerprint:
+        raise BertforgeError(f"--data {config.data} is not the data run {config.out} was trained on; resume with "
+                             "the same DATA (a new phase on new data starts with --init RUN)")
+    before, now = saved["pretrain"], config.to_dict()
+    for name in RUN_DEFINING:
+        if before.get(name) != now[name]:
+            raise BertforgeError(f"--{name.replace('_', '-')} {now[name]} differs from the run's "
+                                 f"{before.get(name)}; --resume continues a run unchanged (omit the flag)")
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def _model_config(config: PretrainConfig, data: PretrainData) -> ModelConfig:
+    """The architecture: a preset or CONFIG.json (vocab_size from DATA unless the file sets it)."""
+    if config.model in PRESETS:
+        model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
+    else:
+        model_config = resolve_model_config(config.model)
+        raw = json.loads(Path(config.model).read_text(encoding="utf-8"))
+        if "vocab_size" not in raw:
+            model_config = model_config.replace(vocab_size=data.vocab_size)
+    if config.dropout is not None:
+        model_config = model_config.replace(hidden_dropout_prob=config.dropout,
+                                            attention_probs_dropout_prob=config.dropout)
+    return model_config
+
+
+def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str) -> None:
+    if model_config.vocab_size < data.vocab_size:
+        raise BertforgeError(f"{source} has vocab_size {model_config.vocab_size} but {data.path} uses "
+                             f"{data.vocab_size} token ids; raise vocab_size (or omit it to take DATA's)")
+    if model_config.max_position_embeddings < data.max_seq_len:
+        raise BertforgeError(f"{source} has max_position_embeddings {model_config.max_position_embeddings} but "
+                             f"{data.path} holds sequences of {data.max_seq_len}; raise it or prepare shorter data")
+
+
+def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPreTraining, ModelConfig]:
+    torch.manual_seed(config.seed)  # the same seed gives the same initial weights
+    if config.init is None:
+        model_config = _model_config(config, data)
+        _check_fits_data(model_config, data, f"--model {config.model}")
+        return BertForPreTraining(model_config), model_config
+    loaded = load_model(config.init)
+    if loaded.tokenizer_dir is None:
+        raise BertforgeError(f"--init {config.init} has no vocabulary (vocab.txt); cannot check it matches DATA")
+    if load_tokenizer(loaded.tokenizer_dir).vocab_hash != data.vocab_hash:
+        raise BertforgeError(f"--init {config.init} uses a different vocabulary from {data.path}; prepare the data "
+                             f"with that model's tokenizer (bertforge prepare --tokenizer {loaded.tokenizer_dir})")
+    model_config = loaded.config
+    if config.dropout is not None:
+        model_config = model_config.replace(hidden_dropout_prob=config.dropout,
+                                            attention_probs_dropout_prob=config.dropout)
+    _check_fits_data(model_config, data, f"--init {config.init}")
+    model = BertForPreTraining(model_config)
+    model.load_state_dict(loaded.model.state_dict())
+    return model, model_config
+
+
+def total_steps(config: PretrainConfig, train_instances: int, global_batch: int) -> int:
+    """Optimizer steps of the run: --max-steps and/or --epochs (whichever ends first), default one epoch."""
+    by_epochs = math.ceil((config.epochs or 1.0) * train_instances / global_batch)
+    if config.max_steps is None:
+        return by_epochs
+    return config.max_steps if config.epochs is None else min(config.max_steps, by_epochs)
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device`: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: nn.Module, model_config: ModelConfig, *, batch_size: int, seq_len: int, predictions: int,
+                 precision: str, device: torch.device) -> None:
+    """Refuses, before any work, a micro-batch estimated not to fit (the OOM killer cannot be caught later).
+
+    Weights, gradients and two optimizer moments: 16 bytes per parameter. Activations kept for the backward
+    pass per layer: about T*B*H*(34 + 5*heads*T/H) bytes in 16-bit (Korthikanti et al. 2022), twice that in
+    fp32; plus the MLM head's logits, softmax and gradient (3 x B*P*V floats).
+    """
+    available = _available_memory(device)
+    if available is None:
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    states = 16 * parameters
+    per_layer = seq_len * batch_size * model_config.hidden_size * (
+        34 + 5 * model_config.num_attention_heads * seq_len / model_config.hidden_size)
+    activations = per_layer * model_config.num_hidden_layers * (2 if precision == "fp32" else 1)
+    activations += 3 * 4 * batch_size * predictions * model_config.vocab_size
+    needed = states + activations
+    if needed > 0.9 * available:
+        gib = 1 << 30
+        raise BertforgeError(f"a batch of {batch_size} x {seq_len} tokens needs about {needed / gib:.1f} GiB "
+                             f"({states / gib:.1f} weights+optimizer, {activations / gib:.1f} activations) but "
+                             f"{available / gib:.1f} GiB is free on {device.type}; lower --batch-size (and raise "
+                             "--grad-accum to keep the effective batch)")
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+def pretrain(config: PretrainConfig) -> RunResult:
+    """Runs (or resumes) a pre-training run; see `bertforge pretrain --help`."""
+    device = distributed.resolve_device(config.device)
+    autocast_context(device, config.precision)  # refuses fp16 off CUDA before any work
+    data = PretrainData(config.data)
+    fingerprint = data_fingerprint(data)
+    resume_from = None
+    if config.resume:
+        _check_resume(config, read_run_config(config.out), fingerprint)
+        resume_from = checkpoint.latest_complete_checkpoint(config.out)
+    clear_out = _out_needs_clearing(config)
+    train_store, validation_store = data.split("train"), data.split("validation")
+    model, model_config = _build_model(config, data)
+    check_memory(model, model_config, batch_size=config.batch_size, seq_len=data.max_seq_len,
+                 predictions=data.max_predictions, precision=config.precision, device=device)
+    model.to(device)
+    dataset = PretrainDataset(train_store, dynamic_masking=config.dynamic_masking, seed=config.seed)
+    pad_id = data.special_ids.pad
+    loader = StepLoader(dataset, lambda items: collate_pretrain(items, pad_id), batch_size=config.batch_size,
+                        grad_accum=config.grad_accum, seed=config.seed)
+    steps = total_steps(config, len(train_store), loader.instances_per_step)
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(steps)
+    optimizer = build_optimizer(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = linear_schedule(optimizer, warmup_steps=min(warmup, steps), total_steps=steps)
+    run_config = {"kind": RUN_KIND, "pretrain": config.to_dict(), "model": model_config.to_dict(),
+                  "data_fingerprint": fingerprint, "total_steps": steps, "warmup_steps": min(warmup, steps),
+                  "global_batch": loader.instances_per_step}
+    if distributed.is_main():  # every check has passed: only now may --overwrite delete the old run
+        if clear_out:
+            shutil.rmtree(config.out)
+        config.out.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            _write_json_atomic(config.out / CONFIG_FILE, run_config)
+    distributed.barrier()
+    start_step = json.loads((resume_from / checkpoint.META_FILE).read_text())["step"] if resume_from else 0
+    monitor = Monitor(config.out, total_steps=steps, start_step=start_step, enabled=distributed.is_main())
+    loop_config = LoopConfig(max_steps=steps, precision=config.precision, compile=config.compile,
+                             log_every=config.log_every, eval_every=config.eval_every,
+                             save_every=config.save_every, keep_last=config.keep_last, max_minutes=config.max_minutes,
+                             on_nan=config.on_nan)
+    try:
+        result = train(model, optimizer=optimizer, scheduler=scheduler, loader=loader, count_fn=count_targets,
+                       loss_fn=pretraining_loss, metrics_fn=pretraining_metrics,
+                       evaluate_fn=lambda m: evaluate_model(m, validation_store, batch_size=config.batch_size,
+                                                            device=device, pad_id=pad_id,
+                                                            max_batches=config.eval_batches),
+                       monitor=monitor, run_dir=config.out, config=loop_config, device=device,
+                       resume_from=resume_from, checkpoint_meta={"model_config": model_config.to_dict()})
+    finally:
+        monitor.close()
+    model_dir = None
+    summary = ""
+    if not result.interrupted and distributed.is_main():
+        model_dir = config.out / "model"
+        export_hf(model.cpu().eval(), load_tokenizer(data.tokenizer_dir), model_dir)
+        sequences = max(1.0, result.totals.get("nsp_count", 0.0))
+        summary = summarize_run(config.out, model_config=model_config, steps=result.step,
+                                wall_seconds=result.train_seconds, tokens=result.tokens,
+                                seq_len=result.tokens / sequences,
+                                masked_per_seq=result.totals.get("mlm_count", 0.0) / sequences,
+                                device=device, precision=config.precision, train_metrics=result.train_metrics,
+                                eval_metrics=result.eval_metrics, model_dir=model_dir)
+    distributed.barrier()
+    return RunResult(run_dir=config.out, step=result.step, stop_reason=result.stop_reason,
+                     checkpoint=result.checkpoint, model_dir=model_dir, train_metrics=result.train_metrics,
+                     eval_metrics=result.eval_metrics, summary=summary)
+
+
+def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 32, device: str = "auto",
+             precision: str = "fp32", max_batches: int | None = None) -> dict[str, float]:
+    """MLM/NSP metrics of a run, checkpoint or model folder on DATA's validation split."""
+    if batch_size < 1:
+        raise BertforgeError(f"--batch-size must be at least 1, got {batch_size}")
+    torch_device = distributed.resolve_device(device)
+    data = PretrainData(data_dir)
+    loaded = load_model(model_dir)
+    if loaded.tokenizer_dir is not None and load_tokenizer(loaded.tokenizer_dir).vocab_hash != data.vocab_hash:
+        raise BertforgeError(f"{model_dir} uses a different vocabulary from {data_dir}; evaluate on data prepared "
+                             "with the model's tokenizer")
+    _check_fits_data(loaded.config, data, str(model_dir))
+    model = loaded.model.to(torch_device).eval()
+    with autocast_context(torch_device, precision):
+        return evaluate_model(model, data.split("validation"), batch_size=batch_size, device=torch_device,
+                              pad_id=data.special_ids.pad, max_batches=max_batches)

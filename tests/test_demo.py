@@ -1,0 +1,97 @@
+"""`bertforge demo`: baselines, examples, the --out rules, and the whole demo end to end in a shortened mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bertforge.cli import main
+from bertforge.config import ModelConfig
+from bertforge.data.shards import Instance, ShardWriter, finalize_data_dir
+from bertforge.demo import MARKER, fill_mask, next_sentence_probability, validation_baselines
+from bertforge.heads import BertForPreTraining
+from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+WORDS = ["the", "man", "went", "to", "store", "he", "bought", "milk", "a", "of", "."]
+VOCAB = [*SPECIAL_TOKENS, *WORDS]
+
+
+def write_data(path, instances: dict[str, list[Instance]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    for split, items in instances.items():
+        with ShardWriter(tmp, split, vocab_size=len(VOCAB)) as writer:
+            for item in items:
+                writer.add(item)
+    (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    finalize_data_dir(tmp, path, {"options": {"max_seq_len": 16, "max_predictions": 4}}, overwrite=False)
+
+
+def instance(masked_ids: list[int], is_random_next: bool) -> Instance:
+    ids = [2, *masked_ids, 3, 8, 9, 10, 3]  # [CLS] A = the masked words [SEP] to store he [SEP]
+    positions = list(range(1, 1 + len(masked_ids)))
+    return Instance(ids=ids, a_len=len(masked_ids) + 2, is_random_next=is_random_next, masked_positions=positions,
+                    masked_ids=masked_ids, replacement_ids=[4] * len(masked_ids))
+
+
+def test_baselines_are_the_majority_class_and_the_commonest_masked_token(tmp_path):
+    validation = [instance([5, 5, 6], True), instance([5], True), instance([7, 5], False), instance([6], True)]
+    write_data(tmp_path / "data", {"train": [instance([6], False)], "validation": validation})
+    baselines = validation_baselines(tmp_path / "data")
+    assert baselines.instances == 4 and baselines.masked_tokens == 7
+    assert baselines.nsp_majority == pytest.approx(0.75) and baselines.nsp_majority_label == "NotNext"
+    assert baselines.mlm_unigram == pytest.approx(4 / 7) and baselines.mlm_unigram_token == "the"
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> tuple[BertForPreTraining, Tokenizer]:
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=len(VOCAB), hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+    return BertForPreTraining(config).eval(), Tokenizer(VOCAB)
+
+
+def test_fill_mask_gives_the_model_probabilities_at_each_mask(tiny_model):
+    model, tokenizer = tiny_model
+    results = fill_mask(model, tokenizer, "the man went to the [MASK] store . he bought [MASK]", top_k=3)
+    assert len(results) == 2 and all(len(r) == 3 for r in results)
+    ids = [2, 5, 6, 7, 8, 5, 4, 9, 15, 10, 11, 4, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).mlm_logits[0]
+    for result, position in zip(results, (6, 11)):
+        probs, top = logits[position].softmax(-1).topk(3)
+        assert [token for token, _ in result] == [VOCAB[i] for i in top.tolist()]
+        assert [p for _, p in result] == pytest.approx(probs.tolist())
+
+
+def test_next_sentence_probability_is_the_isnext_softmax(tiny_model):
+    model, tokenizer = tiny_model
+    probability = next_sentence_probability(model, tokenizer, "the man went to the store .", "he bought milk .")
+    ids = torch.tensor([[2, 5, 6, 7, 8, 5, 9, 15, 3, 10, 11, 12, 15, 3]])
+    types = torch.tensor([[0] * 9 + [1] * 5])
+    with torch.no_grad():
+        expected = model(ids, types).nsp_logits[0].softmax(-1)[0]
+    assert probability == pytest.approx(float(expected))
+
+
+def test_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.1"]) == 2
+    assert "holds no bertforge demo" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_an_earlier_demo_needs_overwrite_or_resume(tmp_path, capsys):
+    (tmp_path / MARKER).write_text(json.dumps({"kind": "bertforge-demo"}))
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path), "--overwrite", "--resume"])
+    assert exit_info.value.code == 2
+
+
+def test_minutes_must_be_positive(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0"]) == 2
+    assert "--minutes" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -1,0 +1,245 @@
+"""Fine-tuning end to end on small slices of the real datasets, with a tiny randomly initialised BERT.
+
+Random initialisation is enough to beat the majority / all-O baselines on these slices (word-level cues), so the
+tests need no pre-training step. Each run also checks that `transformers` reproduces our logits from the exported
+folder and that `predict` writes the same predictions as the dev file of the run.
+"""
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertforge.cli import main
+from bertforge.config import ModelConfig
+from bertforge.finetune import FinetuneConfig, finetune, load_task_model, predict
+from bertforge.heads import BertForPreTraining
+from bertforge.hf import export_hf
+from bertforge.monitor import read_metrics
+from bertforge.tasks import TASKS, TaskOptions
+from bertforge.tokenizer import load_tokenizer
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
+transformers = pytest.importorskip("transformers")
+
+
+def make_model(folder: Path, vocab: Path, **overrides) -> Path:
+    tokenizer = load_tokenizer(vocab)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=len(tokenizer.vocab), **overrides)
+    export_hf(BertForPreTraining(config), tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"en": make_model(root / "tiny_en", DATA / "reference" / "en_vocab_8k.txt"),
+            "zh": make_model(root / "tiny_zh", DATA / "reference" / "zh_vocab_6k.txt"),
+            "short": make_model(root / "short_en", DATA / "reference" / "en_vocab_8k.txt",
+                                max_position_embeddings=64)}
+
+
+def head_lines(source: Path, target: Path, lines: int) -> Path:
+    with gzip.open(source, "rt", encoding="utf-8", newline="") as handle:
+        target.write_text("".join(line for _, line in zip(range(lines), handle)), encoding="utf-8")
+    return target
+
+
+def conll_slice(source: Path, target: Path, sentences: int) -> Path:
+    with gzip.open(source, "rt", encoding="utf-8") as handle:
+        blocks = handle.read().split("\n\n")
+    target.write_text("\n\n".join(blocks[:sentences + 1]) + "\n", encoding="utf-8")  # +1: the -DOCSTART- block
+    return target
+
+
+def squad_slice(source: Path, target: Path, paragraphs: slice) -> Path:
+    with gzip.open(source, "rt", encoding="utf-8") as handle:
+        data = json.load(handle)
+    article = data["data"][0]
+    data["data"] = [{"title": article.get("title", ""), "paragraphs": article["paragraphs"][paragraphs]}]
+    target.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return target
+
+
+def loss_went_down(run_dir: Path, factor: float = 1.0) -> bool:
+    """The last two logged training losses are below `factor` times the first two."""
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r and "loss" in r]
+    return len(losses) >= 4 and sum(losses[-2:]) < factor * sum(losses[:2])
+
+
+def check_hf_parity(out: Path, auto_class: str, texts_or_features) -> None:
+    """transformers' Auto class loads out/model and gives our logits within 1e-5."""
+    ours, tokenizer, _ = load_task_model(out / "model", _ARCH[auto_class], None, 512)
+    theirs = getattr(transformers, auto_class).from_pretrained(out / "model").eval()
+    ours.eval()
+    features = texts_or_features
+    width = max(len(f.input_ids) for f in features)
+    ids = torch.full((len(features), width), tokenizer.pad_id)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, feature in enumerate(features):
+        ids[row, :len(feature.input_ids)] = torch.tensor(feature.input_ids)
+        types[row, :len(feature.input_ids)] = torch.tensor(feature.token_type_ids)
+        mask[row, :len(feature.input_ids)] = 1
+    with torch.no_grad():
+        mine = ours(ids, types, mask)
+        reference = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    if isinstance(mine, tuple):
+        torch.testing.assert_close(mine[0], reference.start_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine[1], reference.end_logits, atol=1e-5, rtol=0)
+    else:
+        keep = mask.bool() if mine.dim() == 3 else torch.ones(len(features), dtype=torch.bool)
+        torch.testing.assert_close(mine[keep], reference.logits[keep], atol=1e-5, rtol=0)
+
+
+_ARCH = {"AutoModelForSequenceClassification": "BertForSequenceClassification",
+         "AutoModelForTokenClassification": "BertForTokenClassification",
+         "AutoModelForQuestionAnswering": "BertForQuestionAnswering"}
+
+
+def sample_features(task_name: str, out: Path, path: Path, count: int):
+    record = json.loads((out / "model" / "finetune.json").read_text())
+    options = record["options"] | {"text_columns": tuple(record["options"]["text_columns"] or ()) or None}
+    task = TASKS[task_name](TaskOptions(**options), **record["state"])
+    tokenizer = load_tokenizer(out / "model")
+    return task.featurize(task.read(path)[:count], tokenizer, record["max_seq_len"], train=False)
+
+
+@pytest.mark.slow
+def test_sst2_beats_majority_exports_and_predicts(models, tmp_path):
+    train = head_lines(DATA / "glue" / "SST-2" / "train.tsv.gz", tmp_path / "train.tsv", 3001)
+    dev = DATA / "glue" / "SST-2" / "dev.tsv.gz"
+    out = tmp_path / "sst2"
+    summary = finetune(FinetuneConfig(task="classify", model=str(models["en"]), train=str(train), dev=str(dev),
+                                      out=str(out), epochs=3, lr=1e-3, batch_size=32))
+    majority = 444 / 872                                                   # dev: 428 negative, 444 positive
+    assert summary["accuracy"] > majority + 0.05, summary
+    assert loss_went_down(out / "runs" / "seed_42")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {"accuracy", "f1", "macro_f1", "mcc", "best_epoch", "history"} <= set(saved)
+    assert len(saved["history"]) == 3 and (out / "curves.png").stat().st_size > 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"} and config["architectures"] == ["BertForSequenceClassification"]
+    check_hf_parity(out, "AutoModelForSequenceClassification", sample_features("classify", out, dev, 8))
+    # predict -> file round trip: the same predictions as the run's dev file, and the same accuracy
+    result = predict(out, dev, tmp_path / "pred.tsv")
+    assert result["accuracy"] == pytest.approx(summary["accuracy"])
+    assert (tmp_path / "pred.tsv").read_text() == (out / "dev_predictions.tsv").read_text()
+
+
+@pytest.mark.slow
+def test_conll_beats_all_o_exports_and_predicts(models, tmp_path):
+    train = conll_slice(DATA / "conll2003" / "train.txt.gz", tmp_path / "train.conll", 1500)
+    dev = conll_slice(DATA / "conll2003" / "valid.txt.gz", tmp_path / "dev.conll", 600)
+    out = tmp_path / "ner"
+    summary = finetune(FinetuneConfig(task="ner", model=str(models["en"]), train=str(train), dev=str(dev),
+                                      out=str(out), epochs=3, lr=1e-3, batch_size=32))
+    ner = TASKS["ner"](TaskOptions())
+    gold = ner.read(dev)
+    all_o_accuracy = sum(t == "O" for s in gold for t in s.tags) / sum(len(s.tags) for s in gold)
+    assert summary["f1"] > 0.15 and summary["accuracy"] > all_o_accuracy, summary   # all-O has entity F1 0
+    assert set(summary["per_type"]) == {"PER", "LOC", "ORG", "MISC"}
+    assert loss_went_down(out / "runs" / "seed_42")
+    labels = json.loads((out / "model" / "config.json").read_text())["id2label"]
+    assert sorted(labels.values()) == sorted(ner.read(train) and TASKS["ner"](TaskOptions()).label_names or
+                                             json.loads((out / "model" / "finetune.json").read_text())["state"]["label_names"])
+    check_hf_parity(out, "AutoModelForTokenClassification", sample_features("ner", out, dev, 8))
+    # predict on a token-only copy (no tags): CoNLL out, one prediction per token
+    plain = tmp_path / "plain.conll"
+    plain.write_text("\n".join(line.split(" ")[0] if line.strip() else "" for line in dev.read_text().split("\n")))
+    assert predict(out, plain, tmp_path / "pred.conll") == {}
+    predicted = [line.split(" ") for line in (tmp_path / "pred.conll").read_text().splitlines() if line]
+    expected = [line.split(" ") for line in (out / "dev_predictions.conll").read_text().splitlines() if line]
+    assert [p[0] for p in predicted] == [e[0] for e in expected]
+    assert [p[-1] for p in predicted] == [e[-1] for e in expected]
+
+
+@pytest.mark.slow
+def test_chnsenticorp_beats_majority(models, tmp_path):
+    train = head_lines(DATA / "zh_tasks" / "chnsenticorp" / "train.tsv.gz", tmp_path / "train.tsv", 2001)
+    dev = head_lines(DATA / "zh_tasks" / "chnsenticorp" / "dev.tsv.gz", tmp_path / "dev.tsv", 401)
+    out = tmp_path / "zh"
+    summary = finetune(FinetuneConfig(task="classify", model=str(models["zh"]), train=str(train), dev=str(dev),
+                                      out=str(out), epochs=3, lr=1e-3, batch_size=32, max_seq_len=96,
+                                      length_bucketing=True))
+    labels = [line.split("\t")[0] for line in dev.read_text(encoding="utf-8").splitlines()[1:]]
+    majority = max(labels.count("0"), labels.count("1")) / len(labels)
+    assert summary["accuracy"] > majority + 0.05, summary
+    assert loss_went_down(out / "runs" / "seed_42")
+
+
+def test_mrpc_pairs_overfit_with_two_seeds(models, tmp_path):
+    train = head_lines(DATA / "glue" / "MRPC" / "train.tsv.gz", tmp_path / "train.tsv", 49)
+    out = tmp_path / "mrpc"
+    summary = finetune(FinetuneConfig(task="classify", model=str(models["en"]), train=str(train), dev=str(train),
+                                      out=str(out), epochs=12, lr=2e-3, batch_size=16, warmup_ratio=0.0,
+                                      text_columns=("sentence1", "sentence2"), max_seq_len=64, seeds=(1, 2)))
+    assert summary["accuracy"] >= 0.9, summary                            # 48 pairs memorised
+    assert "accuracy_std" in summary and "f1_std" in summary and summary["seeds"] == [1, 2]
+    assert len(summary["per_seed"]) == 2 and len(summary["history"]) == 24
+    assert all(loss_went_down(out / "runs" / f"seed_{s}") for s in (1, 2))
+
+
+def test_squad_small_slice_overfits_exports_and_predicts(models, tmp_path):
+    # 51 questions on two paragraphs of the SQuAD dev set, trained and scored on themselves
+    data = squad_slice(DATA / "squad" / "v1.1" / "dev-v1.1.json.gz", tmp_path / "squad.json", slice(2, 4))
+    out = tmp_path / "qa"
+    summary = finetune(FinetuneConfig(task="qa", model=str(models["en"]), train=str(data), dev=str(data),
+                                      out=str(out), epochs=20, lr=3e-3, batch_size=16, warmup_ratio=0.0,
+                                      max_seq_len=128, doc_stride=64))
+    assert loss_went_down(out / "runs" / "seed_42", factor=0.3)         # from ~ln(128) towards memorisation
+    assert summary["f1"] > 40 and summary["exact_match"] > 30, summary   # percentages, as the official script
+    check_hf_parity(out, "AutoModelForQuestionAnswering", sample_features("qa", out, data, 6))
+    predict(out, data, tmp_path / "pred.json")
+    assert json.loads((tmp_path / "pred.json").read_text()) == json.loads((out / "dev_predictions.json").read_text())
+
+
+def test_cmrc_uses_character_metrics(models, tmp_path):
+    data = squad_slice(DATA / "zh_tasks" / "cmrc2018" / "cmrc2018_trial.json.gz", tmp_path / "cmrc.json", slice(0, 3))
+    out = tmp_path / "cmrc"
+    summary = finetune(FinetuneConfig(task="qa", model=str(models["zh"]), train=str(data), dev=str(data),
+                                      out=str(out), epochs=2, lr=1e-3, batch_size=16, max_seq_len=128))
+    assert json.loads((out / "model" / "finetune.json").read_text())["state"] == {"lang": "zh"}
+    assert 0 <= summary["exact_match"] <= summary["f1"] <= 100
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_cli_bad_input_is_one_line_exit_2(models, tmp_path, capsys):
+    good = tmp_path / "good.tsv"
+    good.write_text("sentence\tlabel\nnice\t1\nawful\t0\n")
+    bad_columns = tmp_path / "bad.tsv"
+    bad_columns.write_text("sentence\tlabel\nnice\t1\nawful\t0\textra\n")
+    unseen = tmp_path / "unseen.tsv"
+    unseen.write_text("sentence\tlabel\nfine\t2\n")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence\tlabel\n")
+    no_vocab = tmp_path / "no_vocab"
+    shutil.copytree(models["en"], no_vocab)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (no_vocab / name).unlink()
+    base = ["finetune", "classify", "--epochs", "1", "--out", str(tmp_path / "out")]
+    cases = [
+        ([*base, "--model", str(models["en"]), "--train", str(bad_columns), "--dev", str(good)], "bad.tsv:3"),
+        ([*base, "--model", str(models["en"]), "--train", str(good), "--dev", str(unseen)], "do not occur"),
+        ([*base, "--model", str(models["en"]), "--train", str(empty), "--dev", str(good)], "no examples"),
+        ([*base, "--model", str(no_vocab), "--train", str(good), "--dev", str(good)], "no vocabulary"),
+        ([*base, "--model", str(models["short"]), "--train", str(good), "--dev", str(good)], "position table"),
+        ([*base, "--model", str(tmp_path / "missing"), "--train", str(good), "--dev", str(good)], "does not exist"),
+        (["predict", "--model", str(models["en"]), "--input", str(good), "--out", str(tmp_path / "p.tsv")],
+         "not a fine-tuned folder"),
+    ]
+    for argv, expected in cases:
+        code, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("bertforge: error:") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()                               # nothing half-written

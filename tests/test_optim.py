@@ -1,0 +1,172 @@
+"""Optimisers and schedule: parameter groups, AdamW decay, LAMB against its formula, warm-up + linear decay."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from bertforge.config import ModelConfig
+from bertforge.errors import BertforgeError
+from bertforge.heads import BertForPreTraining
+from bertforge.optim import Lamb, build_optimizer, default_warmup_steps, linear_schedule, param_groups
+
+
+def _tiny_model() -> BertForPreTraining:
+    torch.manual_seed(0)
+    return BertForPreTraining(ModelConfig.preset("tiny", vocab_size=50, max_position_embeddings=32))
+
+
+def test_groups_exclude_biases_and_layer_norms_and_cover_every_parameter_once():
+    model = _tiny_model()
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert not decayed & not_decayed
+    assert decayed | not_decayed == set(names.values())
+    layer_norms = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+                   for p in ("weight", "bias")}
+    assert layer_norms and layer_norms <= not_decayed
+    assert all(n.endswith("bias") or n in layer_norms for n in not_decayed)
+    assert "bert.embeddings.word_embeddings.weight" in decayed
+    assert any("attention" in n and n.endswith("weight") for n in decayed)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_zero_gradient_step_decays_only_the_decay_group(name):
+    model = _tiny_model()
+    optimizer = build_optimizer(model, name, lr=0.1, weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    for n, p in model.named_parameters():
+        if id(p) in no_decay:
+            assert torch.equal(p, before[n]), n
+        elif before[n].abs().sum() > 0:
+            assert p.norm() < before[n].norm(), n
+    if name == "adamw":
+        weight = model.bert.embeddings.word_embeddings.weight
+        torch.testing.assert_close(weight, before["bert.embeddings.word_embeddings.weight"] * (1 - 0.1 * 0.5))
+
+
+def _lamb_reference(weights, grads, *, lr, betas, eps, weight_decay):
+    """LAMB written out from You et al. (2019), Algorithm 2, in float64."""
+    x = weights.double().clone()
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        r = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        u = r + weight_decay * x
+        ratio = x.norm() / u.norm() if x.norm() > 0 and u.norm() > 0 else 1.0
+        x = x - lr * ratio * u
+    return x
+
+
+def test_lamb_matches_the_papers_update():
+    torch.manual_seed(1)
+    weights = torch.randn(7, 5)
+    grads = [torch.randn(7, 5) for _ in range(4)]
+    param = nn.Parameter(weights.clone())
+    optimizer = Lamb([param], lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    for g in grads:
+        param.grad = g.clone()
+        optimizer.step()
+    expected = _lamb_reference(weights, grads, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lamb_trust_ratio_scales_each_update_to_the_layer_norm():
+    torch.manual_seed(2)
+    big, small = nn.Parameter(torch.randn(10, 10) * 5), nn.Parameter(torch.randn(10) * 0.01)
+    zero = nn.Parameter(torch.zeros(4))
+    optimizer = Lamb([big, small, zero], lr=0.01)
+    before = [p.detach().clone() for p in (big, small, zero)]
+    for p in (big, small, zero):
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    for p, b in zip((big, small), before):  # ||delta|| = lr * ||x|| whatever the gradient's scale
+        torch.testing.assert_close((p - b).norm(), 0.01 * b.norm(), rtol=1e-4, atol=0)
+    # all-zero weights: trust ratio 1, the first Adam step is lr * sign(g) (up to eps)
+    torch.testing.assert_close(zero.detach(), -0.01 * torch.sign(zero.grad), rtol=1e-3, atol=1e-6)
+
+
+def test_lamb_minimises_a_regression():
+    torch.manual_seed(3)
+    features = torch.randn(256, 8)
+    target = features @ torch.randn(8, 1)
+    layer = nn.Linear(8, 1)
+    optimizer = Lamb(layer.parameters(), lr=0.05)
+    schedule = linear_schedule(optimizer, warmup_steps=10, total_steps=300)
+    first = None
+    for _ in range(300):
+        loss = ((layer(features) - target) ** 2).mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    assert loss.item() < 1e-3 * first
+
+
+def test_lamb_rejects_bad_hyper_parameters():
+    with pytest.raises(ValueError):
+        Lamb([nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+def test_unknown_optimizer_is_a_user_error():
+    with pytest.raises(BertforgeError, match="adamw, lamb"):
+        build_optimizer(_tiny_model(), "sgd", lr=1e-3, weight_decay=0.0)
+
+
+def test_linear_warmup_then_linear_decay_to_zero():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = linear_schedule(optimizer, warmup_steps=4, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4:] == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert optimizer.param_groups[0]["lr"] == 0.0  # after the last step
+
+
+def test_schedule_state_round_trips_through_a_weights_only_load():
+    def make():
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+        return optimizer, linear_schedule(optimizer, warmup_steps=3, total_steps=20)
+
+    optimizer, schedule = make()
+    for _ in range(7):
+        optimizer.step()
+        schedule.step()
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)
+    buffer.seek(0)
+    restored_optimizer, restored = make()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for _ in range(5):
+        optimizer.step(), schedule.step()
+        restored_optimizer.step(), restored.step()
+        assert restored_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def test_default_warmup_is_ten_percent_capped_at_ten_thousand():
+    assert default_warmup_steps(1000) == 100
+    assert default_warmup_steps(15) == 2
+    assert default_warmup_steps(1_000_000) == 10_000
+
+
+def test_schedule_rejects_warmup_longer_than_the_run():
+    with pytest.raises(BertforgeError, match="warm-up"):
+        linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=11, total_steps=10)

@@ -1,0 +1,228 @@
+"""`bertforge pretrain` / `evaluate` end to end: overfitting, resume equality, micro-batches, bf16, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertforge.cli import main
+from bertforge.corpus import default_corpus_files
+from bertforge.errors import BertforgeError
+from bertforge.monitor import read_metrics
+from bertforge.pretrain import PretrainConfig, evaluate, pretrain
+from training_data import build_data
+
+FAST = dict(model="tiny", batch_size=4, lr=1e-3, warmup_steps=2, log_every=1, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """8 synthetic train instances, 4 validation (vocabulary of 64, sequences of 16)."""
+    return build_data(tmp_path_factory.mktemp("synthetic") / "DATA")
+
+
+@pytest.fixture(scope="session")
+def corpus_data(tmp_path_factory) -> Path:
+    """A real DATA folder: `bertforge tokenizer train` + `bertforge prepare` on a slice of the bundled corpus."""
+    from bertforge.data.prepare import prepare
+    from bertforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    text = gzip.open(default_corpus_files()[0], "rt", encoding="utf-8").read()
+    cut = text.index("</doc>", 150_000) + len("</doc>\n")
+    (root / "slice.txt").write_text(text[:cut], encoding="utf-8")
+    train_tokenizer([root / "slice.txt"], root / "tok", vocab_size=1000, show_progress=False)
+    prepare([root / "slice.txt"], root / "tok", root / "DATA", max_seq_len=64, max_predictions=10, dupe_factor=1,
+            validation_fraction=0.1, seed=1, show_progress=False)
+    return root / "DATA"
+
+
+def _train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r and "split" not in r
+            and "event" not in r]
+
+
+def test_a_tiny_model_overfits_a_handful_of_instances(data, tmp_path):
+    run = tmp_path / "RUN"
+    result = pretrain(PretrainConfig(data=data, out=run, model="tiny", batch_size=8, max_steps=80, lr=2e-3,
+                                     warmup_steps=5, dropout=0.0, log_every=10, eval_every=40))
+    final = result.train_metrics
+    assert final["loss"] < 0.15, final
+    assert final["mlm_accuracy"] == 1.0 and final["nsp_accuracy"] == 1.0
+    records = read_metrics(run / "metrics.jsonl")
+    train_lines = [r for r in records if "split" not in r]
+    assert {"step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_s", "mlm_accuracy", "nsp_accuracy"} <= \
+        set(train_lines[0])
+    assert train_lines[0]["loss"] > 3 * final["loss"]
+    evals = [r for r in records if r.get("split") == "validation"]
+    assert [r["step"] for r in evals] == [40, 80]
+    assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "perplexity"} <= set(evals[-1])
+    assert result.checkpoint == run / "checkpoints" / "step_0000080"
+    assert (run / "curves.png").is_file() and (run / "model" / "model.safetensors").is_file()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 64 and saved["pretrain"]["max_steps"] == 80
+    assert "tokens/s" in result.summary
+    # the exported model scores the validation split exactly as the run's final evaluation did
+    metrics = evaluate(run, data)
+    assert metrics["mlm_loss"] == pytest.approx(evals[-1]["mlm_loss"], rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["mlm_loss"]).exp().item(), rel=1e-6)
+
+
+def test_grad_accum_gives_the_same_run_as_a_bigger_batch(data, tmp_path):
+    common = dict(FAST, max_steps=3, data=data, save_every=None, eval_every=None)
+    pretrain(PretrainConfig(out=tmp_path / "whole", **{**common, "batch_size": 8}))
+    pretrain(PretrainConfig(out=tmp_path / "split", **{**common, "batch_size": 4, "grad_accum": 2}))
+    whole, split = _train_losses(tmp_path / "whole"), _train_losses(tmp_path / "split")
+    assert [s for s, _ in whole] == [1, 2, 3]
+    for (_, a), (_, b) in zip(whole, split):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bertforge", *args]
+
+
+def test_sigterm_saves_once_and_the_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
+    flags = ["--data", str(data), "--model", "tiny", "--batch-size", "4", "--max-steps", "60", "--lr", "1e-3",
+             "--dropout", "0.1", "--dynamic-masking", "--log-every", "1", "--save-every", "1000"]
+    reference = tmp_path / "reference"
+    pretrain(PretrainConfig(data=data, out=reference, model="tiny", batch_size=4, max_steps=60, lr=1e-3,
+                            dropout=0.1, dynamic_masking=True, log_every=1, save_every=1000))
+    run = tmp_path / "run"
+    process = subprocess.Popen(_cli("pretrain", "--out", str(run), *flags), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(read_metrics(run / "metrics.jsonl")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert f"resume with: bertforge pretrain --data {data} --out {run} --resume" in stderr
+    checkpoints = list((run / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    stopped_at = json.loads((checkpoints[0] / "meta.json").read_text())["step"]
+    assert 3 <= stopped_at < 60 and not (run / "model").exists()
+
+    assert main(["pretrain", "--data", str(data), "--out", str(run), "--resume"]) == 0
+    assert _train_losses(run) == _train_losses(reference)  # exactly, step by step
+    ours, theirs = load_file(run / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_keep_last_and_resuming_a_finished_run(data, tmp_path):
+    run = tmp_path / "RUN"
+    config = PretrainConfig(data=data, out=run, max_steps=6, save_every=2, keep_last=2, **FAST)
+    pretrain(config)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    again = pretrain(PretrainConfig.from_run(run))
+    assert again.step == 6 and again.checkpoint.name == "step_0000006"
+
+
+def test_bf16_autocast_runs_on_the_cpu(data, tmp_path):
+    result = pretrain(PretrainConfig(data=data, out=tmp_path / "RUN", max_steps=3, precision="bf16", **FAST))
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.train_metrics["loss"]))
+    assert 0.0 <= result.eval_metrics["mlm_accuracy"] <= 1.0
+
+
+def test_init_continues_from_a_run_on_new_data_with_a_fresh_schedule(data, tmp_path):
+    first = tmp_path / "phase1"
+    pretrain(PretrainConfig(data=data, out=first, max_steps=4, **FAST))
+    second = pretrain(PretrainConfig(data=data, out=tmp_path / "phase2", init=first, max_steps=1, lr=1e-12,
+                                     model="tiny", batch_size=4, dropout=0.0))
+    before, after = load_file(first / "model" / "model.safetensors"), load_file(second.model_dir / "model.safetensors")
+    for key, tensor in before.items():
+        torch.testing.assert_close(after[key], tensor, rtol=0, atol=1e-6)
+
+
+def test_pretrain_and_evaluate_on_prepared_corpus_data(corpus_data, tmp_path, capsys):
+    run = tmp_path / "RUN"
+    assert main(["pretrain", "--data", str(corpus_data), "--out", str(run), "--model", "tiny", "--max-steps", "4",
+                 "--batch-size", "8", "--eval-batches", "2", "--log-every", "2"]) == 0
+    assert "run summary" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(run), "--data", str(corpus_data), "--json", "--max-batches", "2",
+                 "--batch-size", "8"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"mlm_loss", "mlm_accuracy", "perplexity", "nsp_loss", "nsp_accuracy"}
+    assert metrics["instances"] == 16
+    assert main(["evaluate", "--model", str(run / "model"), "--data", str(corpus_data), "--max-batches", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def _error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bertforge: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-steps", "-3"], "--max-steps must be at least 1"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--dropout", "1.0"], r"--dropout must be in \[0, 1\)"),
+    (["--epochs", "0"], "--epochs must be a positive number"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--keep-last", "0"], "--keep-last must be at least 1"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--model", "huge"], "neither a size"),
+    (["--batch-size", "10000000", "--model", "mini"], "lower --batch-size"),
+])
+def test_bad_options_are_one_line_errors(data, tmp_path, capsys, flags, message):
+    err = _error(capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN"), *flags)
+    assert message in err or __import__("re").search(message, err), err
+    assert not (tmp_path / "RUN" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vocab_size": 10}, "vocab_size 10 but"),
+    ({"max_position_embeddings": 8}, "max_position_embeddings 8 but"),
+    ({"hidden_size": 100, "num_attention_heads": 3}, "not divisible"),
+])
+def test_model_configs_that_do_not_fit_the_data(data, tmp_path, capsys, fields, message):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "intermediate_size": 128, **fields}))
+    assert message in _error(capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN"),
+                             "--model", str(config))
+
+
+def test_out_and_resume_mistakes(data, tmp_path, capsys):
+    missing = _error(capsys, "pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "RUN"))
+    assert "does not exist" in missing
+    run = tmp_path / "RUN"
+    pretrain(PretrainConfig(data=data, out=run, max_steps=2, **FAST))
+    capsys.readouterr()
+    base = ["pretrain", "--data", str(data), "--out", str(run)]
+    assert "already holds a run; pass --resume" in _error(capsys, *base)
+    assert "differs from the run's" in _error(capsys, *base, "--resume", "--lr", "0.5")
+    other = build_data(tmp_path / "OTHER", seed=5)
+    assert "not the data run" in _error(capsys, "pretrain", "--data", str(other), "--out", str(run), "--resume")
+    assert "nothing to resume" in _error(capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "new"),
+                                         "--resume")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "not a bertforge run" in _error(capsys, "pretrain", "--data", str(data), "--out", str(foreign),
+                                           "--overwrite")
+    assert (foreign / "notes.txt").exists()
+    bigger = build_data(tmp_path / "BIGGER", vocab_size=80)
+    assert "different vocabulary" in _error(capsys, "pretrain", "--data", str(bigger), "--out",
+                                            str(tmp_path / "phase2"), "--init", str(run))
+    assert main([*base, "--overwrite", "--max-steps", "1", "--model", "tiny", "--batch-size", "4"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]
+
+
+def test_config_validation_in_python():
+    with pytest.raises(BertforgeError, match="--resume and --overwrite"):
+        PretrainConfig(data="d", out="o", resume=True, overwrite=True)
+    with pytest.raises(BertforgeError, match="--optimizer 'sgd'"):
+        PretrainConfig(data="d", out="o", optimizer="sgd")
