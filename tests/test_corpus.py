@@ -199,3 +199,14 @@ def test_expand_inputs(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.none")])
     with pytest.raises(BertforgeError, match="no input files"):
         expand_inputs([])
+
+
+def test_directory_expansion_skips_dataset_cards_and_checksums(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one sentence.\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "wiki_00").write_text("two sentence.\n", encoding="utf-8")
+    for name in ("README.md", "SHA256SUMS", "SHA256SUMS.uncompressed", "LICENSE"):
+        (tmp_path / name).write_text("not corpus text\n", encoding="utf-8")
+    assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.txt", "wiki_00"]
+    # naming such a file explicitly still reads it
+    assert [p.name for p in expand_inputs([str(tmp_path / "README.md")])] == ["README.md"]

@@ -72,6 +72,17 @@ class CorpusStats:
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
+# Files that sit beside corpora (dataset cards, licences, checksum lists) but are not corpus text. They are
+# skipped when a directory is expanded; naming such a file explicitly still reads it.
+_METADATA_NAMES = ("readme", "license", "licence", "copying", "sha256sums", "md5sums", "checksums", "attribution")
+_METADATA_SUFFIXES = {".md", ".rst", ".html", ".pdf", ".py", ".sh"}
+
+
+def _is_metadata_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.startswith(_METADATA_NAMES) or path.suffix.lower() in _METADATA_SUFFIXES
+
+
 def expand_inputs(specs: Iterable[str | Path]) -> list[Path]:
     """Files, directories (recursive, hidden entries skipped) and globs → sorted, de-duplicated file paths."""
     found: set[Path] = set()
@@ -82,7 +93,7 @@ def expand_inputs(specs: Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             for child in path.rglob("*"):
                 hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
-                if child.is_file() and not hidden:
+                if child.is_file() and not hidden and not _is_metadata_file(child):
                     found.add(child)
         elif glob.has_magic(str(spec)):
             matches = [Path(m) for m in glob.glob(str(spec), recursive=True) if Path(m).is_file()]
