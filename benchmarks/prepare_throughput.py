@@ -6,7 +6,7 @@ benchmarks/.cache/), --max-seq-len 128 --max-predictions 20 --validation-fractio
 Modes: --exact, the default fast mode with 1 worker, and with 2 workers. Each run is the real CLI
 (`python -m bertforge prepare ...`) in its own process, timed from start to exit.
 
-Printed per run: wall seconds, MB/s of raw (uncompressed) input, instances/s, peak memory, and the ratios to
+Printed per run: wall seconds, CPU seconds (user + system, all processes), MB/s of raw (uncompressed) input, instances/s, peak memory, and the ratios to
 the reference. Peak memory is given two ways: the largest single process (getrusage of the children, exact)
 and the whole process tree (summed RSS of all processes, sampled every 50 ms; forked workers share the parent's
 pages copy-on-write, so this sum over-counts shared pages: an upper bound).
@@ -107,7 +107,7 @@ def run_prepare(files: list[Path], vocab: Path, dupe: int, mode: str, out: Path)
     counts = manifest["counts"]
     return {"mode": mode, "dupe": dupe, "wall": wall, "elapsed": manifest["elapsed_s"],
             "mb": counts["bytes_read"] / 1e6, "instances": counts["instances"],
-            "peak_process": usage.ru_maxrss / 1024,
+            "cpu": usage.ru_utime + usage.ru_stime, "peak_process": usage.ru_maxrss / 1024,
             "peak_tree": peak_tree}
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = vocabulary([WIKI / f"wiki_{i:02d}.gz" for i in range(40)], 30522)
     print(f"input: {len(files)} files of {WIKI} | vocabulary {vocab} | cores: {os.cpu_count()} | "
           f"load average at start {os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<7} {'dupe':>4} {'wall s':>7} {'MB/s':>6} {'inst':>8} {'inst/s':>7} {'peak MB':>8} "
+    print(f"{'mode':<7} {'dupe':>4} {'wall s':>7} {'cpu s':>6} {'MB/s':>6} {'inst':>8} {'inst/s':>7} {'peak MB':>8} "
           f"{'tree MB':>8} {'x ref speed':>11} {'target':>6} {'ref peak / ours':>15}")
     work = Path(tempfile.mkdtemp(prefix="bertforge-prepare-bench-"))
     try:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 mb_s = r["mb"] / r["wall"]
                 ratio = mb_s / REFERENCE_MB_S[dupe] if dupe in REFERENCE_MB_S else float("nan")
                 target = TARGETS["exact" if mode == "exact" else "fast"] if dupe == 5 else float("nan")
-                print(f"{mode:<7} {dupe:>4} {r['wall']:>7.1f} {mb_s:>6.2f} {r['instances']:>8,} "
+                print(f"{mode:<7} {dupe:>4} {r['wall']:>7.1f} {r['cpu']:>6.1f} {mb_s:>6.2f} {r['instances']:>8,} "
                       f"{r['instances'] / r['wall']:>7,.0f} {r['peak_process']:>8.0f} {r['peak_tree']:>8.0f} "
                       f"{ratio:>10.1f}x {target:>5.0f}x {REFERENCE_PEAK_MB / max(r['peak_tree'], 1):>14.1f}x",
                       flush=True)

@@ -71,7 +71,7 @@ def build_data(work: Path) -> Path:
     print(f"building DATA in {work} from the bundled corpus ...", file=sys.stderr, flush=True)
     train_tokenizer(files, work / "tokenizer", vocab_size=VOCAB_SIZE, min_frequency=1, show_progress=False)
     prepare(files, work / "tokenizer", work / "data", max_seq_len=128, dupe_factor=1, validation_fraction=0.0,
-            seed=12345)
+            seed=12345, show_progress=False)
     return work / "data"
 
 
@@ -107,14 +107,14 @@ class Ours:
         from bertforge.heads import BertForPreTraining
         from bertforge.loop import autocast_context
         from bertforge.optim import build_optimizer, linear_schedule
-        from bertforge import pretrain
+        from bertforge.pretrain import count_targets, pretraining_loss
 
         torch.manual_seed(0)
         self.model = BertForPreTraining(config).to(device).train()
         self.optimizer = build_optimizer(self.model, "adamw", lr=1e-4, weight_decay=0.01)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
         self.autocast = lambda: autocast_context(device, precision)
-        self.count_fn, self.loss_fn = pretrain.count_targets, pretrain.pretraining_loss
+        self.count_fn, self.loss_fn = count_targets, pretraining_loss
         self.device = device
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -164,8 +164,9 @@ class Transformers:
         return loss.item()
 
 
-def parity(ours: Ours, theirs: Transformers, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """Copy our weights into transformers; max |difference| of the MLM and of the NSP loss (eval mode, fp32)."""
+def parity(ours: Ours, theirs: Transformers, batch: dict[str, torch.Tensor]) -> tuple[float, float, float, float]:
+    """Copy our weights into transformers; (our MLM loss, our NSP loss, |MLM difference|, |NSP difference|),
+    in eval mode (no dropout), fp32."""
     from bertforge.hf import hf_state_dict
 
     missing, unexpected = theirs.model.load_state_dict(hf_state_dict(ours.model), strict=False)
@@ -186,7 +187,7 @@ def parity(ours: Ours, theirs: Transformers, batch: dict[str, torch.Tensor]) -> 
         our_total, _ = ours.loss_fn(ours.model, batch, totals)
         assert abs(float(our_total) - float(our_mlm + our_nsp)) < 1e-5, (float(our_total), float(our_mlm + our_nsp))
     ours.model.train(), theirs.model.train()
-    return abs(float(our_mlm - hf_mlm)), abs(float(our_nsp - hf_nsp))
+    return float(our_mlm), float(our_nsp), abs(float(our_mlm - hf_mlm)), abs(float(our_nsp - hf_nsp))
 
 
 class PeakMemory:
@@ -252,9 +253,10 @@ def bench_model(name: str, args: argparse.Namespace, data_dir: Path, device: tor
     flops_per_token = model_flops_per_token(config, round(tokens / sequences), masked / sequences)
 
     impls = {"bertforge": Ours(config, device, "fp32"), "transformers": Transformers(config, device)}
-    mlm_diff, nsp_diff = parity(impls["bertforge"], impls["transformers"], timed_batches[0])
-    print(f"{name}: parity with identical weights (fp32, eval): |MLM loss diff| {mlm_diff:.2e}, "
-          f"|NSP loss diff| {nsp_diff:.2e} -> {'OK' if max(mlm_diff, nsp_diff) <= 1e-5 else 'FAIL'}", flush=True)
+    mlm_loss, nsp_loss, mlm_diff, nsp_diff = parity(impls["bertforge"], impls["transformers"], timed_batches[0])
+    print(f"{name}: parity, identical weights and batch (fp32, eval): MLM loss {mlm_loss:.6f} (|diff| {mlm_diff:.1e}), "
+          f"NSP loss {nsp_loss:.6f} (|diff| {nsp_diff:.1e}) -> {'OK' if max(mlm_diff, nsp_diff) <= 1e-5 else 'FAIL'}",
+          flush=True)
     if not args.no_bf16 and name == "base":
         impls["bertforge bf16"] = Ours(config, device, "bf16")
     for impl in impls.values():

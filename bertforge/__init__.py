@@ -2,7 +2,9 @@
 
 from bertforge.config import ModelConfig
 from bertforge.data.dataset import PretrainData
+from bertforge.data.prepare import prepare
 from bertforge.errors import BertforgeError
+from bertforge.finetune import FinetuneConfig, finetune, predict
 from bertforge.heads import BertForPreTraining
 from bertforge.hf import export_hf, load_model
 from bertforge.model import Bert
@@ -12,4 +14,5 @@ from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 __version__ = "0.1.0"
 
 __all__ = ["Bert", "BertForPreTraining", "BertforgeError", "export_hf", "load_model",
-           "ModelConfig", "PretrainConfig", "PretrainData", "evaluate", "pretrain", "Tokenizer", "load_tokenizer", "train_tokenizer", "__version__"]
+           "FinetuneConfig", "finetune", "predict",
+           "ModelConfig", "PretrainConfig", "PretrainData", "evaluate", "prepare", "pretrain", "Tokenizer", "load_tokenizer", "train_tokenizer", "__version__"]

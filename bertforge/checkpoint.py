@@ -100,6 +100,17 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, state: 
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
+    try:
+        _write_checkpoint(tmp, final, step, model=model, state=state, meta=meta)
+    except OSError as exc:  # disk full, read-only or vanished folder: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BertforgeError(f"cannot write checkpoint {final} ({exc.strerror or exc}); free space or fix the "
+                             "folder, then resume from the previous checkpoint with --resume") from None
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, state: dict[str, Any],
+                      meta: dict[str, Any]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -119,7 +130,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, state: 
         shutil.rmtree(retired)
     os.replace(tmp, final)
     _fsync(final.parent)
-    return final
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

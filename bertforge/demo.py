@@ -241,6 +241,7 @@ def run_demo(config: DemoConfig) -> str:
             log_every=max(1, steps // 100), eval_every=max(1, steps // 4), save_every=max(1, steps // 4),
             keep_last=1, max_minutes=train_seconds / 60, overwrite=True))
     if result.interrupted:
+        _say(f"the run was saved at step {result.step}; `bertforge demo --out {out} --resume` continues it")
         raise KeyboardInterrupt
     _say(result.summary)
 
@@ -252,15 +253,14 @@ def run_demo(config: DemoConfig) -> str:
 
 
 def _last_evaluation(run_dir: Path) -> dict:
-
     evaluations = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("split") == "validation"]
     if not evaluations:
         raise BertforgeError(f"{run_dir / METRICS_FILE} holds no validation line; the run ended before evaluating")
     return evaluations[-1]
 
 
-def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model, tokenizer, run_dir: Path,
-            seconds: float) -> str:
+def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model: BertForPreTraining,
+            tokenizer: Tokenizer, run_dir: Path, seconds: float) -> str:
     mlm, nsp = evaluation["mlm_accuracy"], evaluation["nsp_accuracy"]
     lines = [
         "",

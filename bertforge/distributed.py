@@ -1,4 +1,4 @@
-"""Process-group helpers with world-size-1 defaults.
+"""Process-group and device helpers, with world-size-1 defaults.
 
 Every function works without `torch.distributed` being initialised (a single process is rank 0 of a
 world of 1), so the training loop runs the same code path at any world size. Launching with `torchrun`
@@ -8,6 +8,7 @@ and wrapping the model in DistributedDataParallel build on these helpers.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,16 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu":
         raise BertforgeError(f"--device {name!r} is not one of auto, cpu, cuda")
     return torch.device("cpu")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device`: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertforge import heads, hf, loop, optim
+from bertforge import distributed, heads, hf, loop, optim
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
 from bertforge.tasks import TASKS, TaskOptions
@@ -106,17 +106,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BertforgeError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise BertforgeError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
 
 
 def load_task_model(path: str | Path, architecture: str, num_labels: int | None, max_seq_len: int,
@@ -278,7 +267,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise BertforgeError(f"{dev_path}: the dev file has no examples")
     task.check_labels(dev_examples, dev_path)
     max_seq_len = config.max_seq_len or task.default_max_seq_len
-    device = resolve_device(config.device)
+    device = distributed.resolve_device(config.device)
     # Checks the folder (vocabulary, position table) before any output is written.
     _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
     _prepare_out(out, config.overwrite)
@@ -292,11 +281,21 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                             device=device)
         return task.evaluate(dev_examples, dev_features, outputs)
 
-    seeds = list(config.seeds or (config.seed,))
-    runs = [_train_one_seed(config, task, seed, train_features, evaluate, device, out / "runs" / f"seed_{seed}",
-                            max_seq_len) for seed in seeds]
+    runs: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {}
+    for seed in config.seeds or (config.seed,):
+        run = _train_one_seed(config, task, seed, train_features, evaluate, device, out / "runs" / f"seed_{seed}",
+                              max_seq_len)
+        runs.append(run)
+        if not chosen or run["best"]["score"] > chosen["best"]["score"]:
+            chosen.pop("model", None)  # only the exported seed's weights stay in memory
+            chosen = run
+        else:
+            run.pop("model")
+        if run["stop_reason"] == "signal":  # stopped by the user: export what exists, run no more seeds
+            break
+    seeds = [r["seed"] for r in runs]
     main = MAIN_METRIC["regression" if config.regression else config.task]
-    chosen = max(runs, key=lambda r: r["best"]["score"])
     labels = task.label_names or (["score"] if config.regression else None)
     hf.export_hf(chosen["model"], chosen["tokenizer"], out / "model", architecture=task.architecture, labels=labels)
     task_record = {"task": config.task, "max_seq_len": max_seq_len,
@@ -344,7 +343,7 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
     task_class = TASKS[record["task"]]
     task = task_class(TaskOptions(**options), **record["state"])
-    torch_device = resolve_device(device)
+    torch_device = distributed.resolve_device(device)
     model, tokenizer, _ = load_task_model(folder, task.architecture, None, record["max_seq_len"])
     model.to(torch_device).eval()
     examples = task.read(Path(input_file), labelled=False)

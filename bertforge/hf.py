@@ -208,9 +208,13 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
-    tokenizer.save(tmp)
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
+        tokenizer.save(tmp)
+    except BaseException:  # never leave a half-written folder behind (disk full, Ctrl-C)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, out_dir)
 
 

@@ -1,6 +1,6 @@
 """The one training loop, shared by pre-training and fine-tuning.
 
-A stage passes its model, optimizer, schedule, a `StepLoader` over its training data and three functions:
+A stage passes its model, optimizer, schedule, a `StepLoader` over its training data and these functions:
 `count_fn(micro_batch) -> {name: count}` (normalisers, summed over the whole optimizer step before any
 forward pass), `loss_fn(model, micro_batch, totals) -> (loss, stats)` (the micro-batch's share of the
 step's loss, already divided by the step totals, and additive statistics), `metrics_fn(stats, steps)`

@@ -67,6 +67,11 @@ def _is_eval(record: dict[str, Any]) -> bool:
     return record.get("split") not in (None, "train")
 
 
+def _is_train(record: dict[str, Any]) -> bool:
+    """A training metrics line (not an evaluation, nor an event such as a skipped non-finite step)."""
+    return not _is_eval(record) and "event" not in record
+
+
 class Monitor:
     """Rank-0 progress bar, metrics file, optional TensorBoard events and, on `close`, `RUN/curves.png`."""
 
@@ -170,7 +175,7 @@ def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl)
-    train = [r for r in records if not _is_eval(r)]
+    train = [r for r in records if _is_train(r)]
     valid = [r for r in records if _is_eval(r)]
 
     def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -300,7 +305,7 @@ def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int,
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
     if train_metrics is None:
-        train_metrics = next((r for r in reversed(records) if not _is_eval(r)), None)
+        train_metrics = next((r for r in reversed(records) if _is_train(r)), None)
     if eval_metrics is None:
         eval_metrics = next((r for r in reversed(records) if _is_eval(r)), None)
     tokens_per_s = tokens / wall_seconds if wall_seconds > 0 else 0.0

@@ -77,19 +77,15 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).absolute())
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "keep_last", "eval_batches"):
+        for name in ("batch_size", "grad_accum", "log_every", "max_steps", "eval_every", "save_every", "keep_last",
+                     "eval_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("epochs", "max_minutes"):
+        for name in ("lr", "epochs", "max_minutes"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise BertforgeError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BertforgeError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise BertforgeError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         if not 0 <= self.weight_decay < 1:
@@ -160,9 +156,9 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: d
     with torch.no_grad():
         stats = {"mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
                  "mlm_correct": (mlm_logits.argmax(-1) == targets).sum(),
-                 "mlm_count": torch.tensor(targets.numel()),
+                 "mlm_count": torch.tensor(targets.numel(), device=targets.device),
                  "nsp_correct": (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum(),
-                 "nsp_count": torch.tensor(nsp_logits.shape[0]),
+                 "nsp_count": torch.tensor(nsp_logits.shape[0], device=targets.device),
                  "tokens": batch["attention_mask"].sum()}
     return mlm_loss + nsp_loss, stats
 
@@ -320,19 +316,6 @@ def total_steps(config: PretrainConfig, train_instances: int, global_batch: int)
     return config.max_steps if config.epochs is None else min(config.max_steps, by_epochs)
 
 
-def _available_memory(device: torch.device) -> int | None:
-    """Free bytes on `device`: CUDA's free memory, or MemAvailable from /proc/meminfo (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(model: nn.Module, model_config: ModelConfig, *, batch_size: int, seq_len: int, predictions: int,
                  precision: str, device: torch.device) -> None:
     """Refuses, before any work, a micro-batch estimated not to fit (the OOM killer cannot be caught later).
@@ -341,7 +324,7 @@ def check_memory(model: nn.Module, model_config: ModelConfig, *, batch_size: int
     pass per layer: about T*B*H*(34 + 5*heads*T/H) bytes in 16-bit (Korthikanti et al. 2022), twice that in
     fp32; plus the MLM head's logits, softmax and gradient (3 x B*P*V floats).
     """
-    available = _available_memory(device)
+    available = distributed.available_memory(device)
     if available is None:
         return
     parameters = sum(p.numel() for p in model.parameters())
@@ -432,8 +415,9 @@ def pretrain(config: PretrainConfig) -> RunResult:
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 32, device: str = "auto",
              precision: str = "fp32", max_batches: int | None = None) -> dict[str, float]:
     """MLM/NSP metrics of a run, checkpoint or model folder on DATA's validation split."""
-    if batch_size < 1:
-        raise BertforgeError(f"--batch-size must be at least 1, got {batch_size}")
+    for flag, value in (("--batch-size", batch_size), ("--max-batches", max_batches)):
+        if value is not None and value < 1:
+            raise BertforgeError(f"{flag} must be at least 1, got {value}")
     torch_device = distributed.resolve_device(device)
     data = PretrainData(data_dir)
     loaded = load_model(model_dir)

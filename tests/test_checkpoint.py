@@ -76,16 +76,24 @@ def test_latest_ignores_temporary_and_incomplete_folders(tmp_path):
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
     previous = _save(tmp_path, 1)
 
-    def broken_save(*args, **kwargs):
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)  # the weights are written, the optimizer state fails
+    with pytest.raises(BertforgeError, match="cannot write checkpoint .*step_0000002 .No space left on device") as info:
         _save(tmp_path, 2)
-    partial = tmp_path / "checkpoints" / ".tmp-step_0000002"
-    assert (partial / "model.safetensors").is_file()  # the weights were written before the failure
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001"]
     assert checkpoint.latest_complete_checkpoint(tmp_path) == previous
     checkpoint.load_checkpoint(previous, _model())
+
+
+def test_leftovers_of_a_killed_save_are_ignored_then_removed(tmp_path):
+    previous = _save(tmp_path, 1)
+    partial = tmp_path / "checkpoints" / ".tmp-step_0000002"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+    assert checkpoint.latest_complete_checkpoint(tmp_path) == previous
     checkpoint.remove_partial_checkpoints(tmp_path)
     assert not partial.exists() and previous.exists()
 

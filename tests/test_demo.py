@@ -95,3 +95,34 @@ def test_minutes_must_be_positive(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0"]) == 2
     assert "--minutes" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--minutes", "0.5", "--out", str(out), "--model", "tiny"]) == 0
+    report = capsys.readouterr().out
+    run = out / "run"
+    for path in (run / "metrics.jsonl", run / "config.json", run / "model" / "config.json",
+                 run / "model" / "model.safetensors", run / "model" / "vocab.txt"):
+        assert path.is_file(), path
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    evaluation = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if '"validation"' in line][-1]
+    baselines = validation_baselines(out / "data")
+    assert baselines.instances > 50
+    mlm_row = next(line for line in report.splitlines() if line.strip().startswith("MLM accuracy"))
+    nsp_row = next(line for line in report.splitlines() if line.strip().startswith("NSP accuracy"))
+    assert f"{evaluation['mlm_accuracy']:.1%}" in mlm_row and f"{baselines.mlm_unigram:.1%}" in mlm_row
+    assert f'always "{baselines.mlm_unigram_token}"' in mlm_row
+    assert f"{evaluation['nsp_accuracy']:.1%}" in nsp_row and f"{baselines.nsp_majority:.1%}" in nsp_row
+    assert "the man went to the [MASK] store ." in report and report.count("P(IsNext) = ") == 2
+    for path in (run, run / "model", run / "curves.png"):
+        assert str(path) in report
+
+    # A second demo into the same folder is refused; --resume finishes (or continues) the same run.
+    assert main(["demo", "--minutes", "0.5", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo", "--minutes", "0.1", "--out", str(out), "--resume"]) == 0
+    assert "NSP accuracy" in capsys.readouterr().out

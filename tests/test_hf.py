@@ -159,6 +159,21 @@ def test_sharded_and_pickled_weights(tmp_path, tokenizer):
             torch.testing.assert_close(loaded.model(**inputs).mlm_logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_half_precision_and_incomplete_folders(tmp_path, tokenizer):
+    torch.manual_seed(14)
+    reference = transformers.BertForPreTraining(hf_config()).eval()
+    save_hf(reference.half(), tmp_path / "fp16", tokenizer)
+    loaded = load_model(tmp_path / "fp16")
+    assert loaded.notes == ["weights stored as torch.float16 were converted to float32"]
+    assert loaded.model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.model.mlm.bias, reference.cls.predictions.bias.float(), rtol=0, atol=0)
+    folder = save_hf(transformers.BertForPreTraining(hf_config()), tmp_path / "cut", tokenizer)
+    config = json.loads((folder / "config.json").read_text()) | {"num_hidden_layers": 3}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BertforgeError, match="lacks 16 encoder weight"):
+        load_model(folder)
+
+
 class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

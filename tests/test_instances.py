@@ -210,8 +210,10 @@ def test_fast_mode_keeps_the_reference_statistics(bundled, en_tok):
     ours = summary(fast(bundled, options, special_of(en_tok), 11), 128)
     reference = summary(exact(bundled, options, special_of(en_tok), 11), 128)
     assert 0.42 <= reference["is_next"] <= 0.48   # one-sentence chunks are always NotNext
-    for key, tolerance in {"is_next": 0.02, "mean_length": 0.02, "short": 0.02, "truncated": 0.03,
-                           "a_share": 0.02, "masks": 0.02, "mask": 0.01, "keep": 0.01}.items():
+    # tolerances: about 2.5 standard deviations of the seed-to-seed spread of either mode on this corpus
+    # (the truncated share varies most: a short-target pass over a long document moves it)
+    for key, tolerance in {"is_next": 0.02, "mean_length": 0.025, "short": 0.025, "truncated": 0.06,
+                           "a_share": 0.01, "masks": 0.025, "mask": 0.01, "keep": 0.01}.items():
         assert abs(ours[key] - reference[key]) < tolerance, (key, ours[key], reference[key])
 
 

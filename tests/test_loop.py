@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -226,19 +227,20 @@ def test_fp16_is_refused_on_the_cpu():
         autocast_context(torch.device("cpu"), "fp16")
 
 
-def test_interrupt_flag_saves_once_and_stops(tmp_path, monkeypatch):
-    import signal
-
-    original = train.__globals__["_StopSignals"].__enter__
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_finishes_the_step_saves_once_and_restores_the_handlers(tmp_path, monkeypatch, signum):
+    stop_signals = train.__globals__["_StopSignals"]
+    original = stop_signals.__enter__
+    before = signal.getsignal(signum)
 
     def enter_and_signal(self):
         entered = original(self)
-        signal.raise_signal(signal.SIGTERM)  # arrives during the run: the loop must finish the step and save
+        signal.raise_signal(signum)  # arrives during the run: the loop must finish the step and save
         return entered
 
-    monkeypatch.setattr(train.__globals__["_StopSignals"], "__enter__", enter_and_signal)
+    monkeypatch.setattr(stop_signals, "__enter__", enter_and_signal)
     model, result, records, loader = _toy_run(tmp_path, set(), steps=50)
-    assert result.stop_reason == "signal" and result.step == 1
+    assert result.stop_reason == "signal" and result.interrupted and result.step == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
     assert json.loads((result.checkpoint / "meta.json").read_text())["instances"] == 1
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signum) is before

@@ -94,9 +94,11 @@ def test_close_draws_a_real_png(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_plot_curves_without_validation_lines(tmp_path):
+def test_plot_curves_without_validation_lines_and_with_an_event(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(train_record(s)) + "\n" for s in (1, 2, 3)))
+    lines = [train_record(1), train_record(2), {"step": 3, "event": "nonfinite_loss", "loss": float("nan")},
+             train_record(4)]
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in lines))
     plot_curves(metrics, tmp_path / "out.png")
     assert png_size(tmp_path / "out.png") == (1100, 750)
 

@@ -155,6 +155,14 @@ def test_pretrain_and_evaluate_on_prepared_corpus_data(corpus_data, tmp_path, ca
     assert metrics["instances"] == 16
     assert main(["evaluate", "--model", str(run / "model"), "--data", str(corpus_data), "--max-batches", "2"]) == 0
     assert "perplexity" in capsys.readouterr().out
+    step = run / "checkpoints" / "step_0000004"  # a checkpoint folder scores exactly like the exported model
+    assert main(["evaluate", "--model", str(step), "--data", str(corpus_data), "--json", "--max-batches", "2",
+                 "--batch-size", "8"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert "--max-batches must be at least 1" in _error(capsys, "evaluate", "--model", str(run), "--data",
+                                                        str(corpus_data), "--max-batches", "0")
+    assert "does not exist" in _error(capsys, "evaluate", "--model", str(tmp_path / "none"), "--data",
+                                      str(corpus_data))
 
 
 def _error(capsys, *argv: str) -> str:
@@ -226,3 +234,19 @@ def test_config_validation_in_python():
         PretrainConfig(data="d", out="o", resume=True, overwrite=True)
     with pytest.raises(BertforgeError, match="--optimizer 'sgd'"):
         PretrainConfig(data="d", out="o", optimizer="sgd")
+
+
+@pytest.mark.parametrize("max_steps, epochs, expected", [(None, None, 3), (None, 2.0, 5), (None, 0.5, 2),
+                                                           (4, None, 4), (4, 2.0, 4), (9, 2.0, 5)])
+def test_the_run_length_comes_from_max_steps_and_or_epochs(max_steps, epochs, expected):
+    from bertforge.pretrain import total_steps
+
+    config = PretrainConfig(data="d", out="o", max_steps=max_steps, epochs=epochs)
+    assert total_steps(config, train_instances=10, global_batch=4) == expected
+
+
+def test_a_spent_time_budget_stops_evaluates_saves_and_exports(data, tmp_path):
+    result = pretrain(PretrainConfig(data=data, out=tmp_path / "RUN", max_steps=1000, max_minutes=1e-4, **FAST))
+    assert result.stop_reason == "time_budget" and 1 <= result.step < 1000
+    assert result.checkpoint.name == f"step_{result.step:07d}" and (result.model_dir / "config.json").is_file()
+    assert set(result.eval_metrics) >= {"mlm_accuracy", "nsp_accuracy"}

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
     parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--text-columns", type=_names, default=None,
                         help="classify: NAME or NAME1,NAME2 (default: detected from the header)")
     parser.add_argument("--label-column", default=None, help="classify: label column (default: detected)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda (default auto)"
@@ -51,8 +52,6 @@ def _device(name: str):
 
 def _load(path: Path, device_name: str):
     """(model on the device in eval mode, tokenizer), telling the user which heads were initialised fresh."""
-    import sys
-
     from bertforge.errors import BertforgeError
     from bertforge.hf import load_model
     from bertforge.tokenizer import load_tokenizer
@@ -67,8 +66,6 @@ def _load(path: Path, device_name: str):
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import sys
-
     from bertforge.errors import BertforgeError
     from bertforge.hf import ARCHITECTURES, export_hf, load_for_task, load_model
     from bertforge.tokenizer import load_tokenizer
@@ -97,7 +94,8 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model, args.device)
     predictions = fill_mask(model, tokenizer, args.text, args.top_k)
     if args.json:
-        print(json.dumps([[{"token": token, "score": score} for token, score in row] for row in predictions]))
+        print(json.dumps([[{"token": token, "score": score} for token, score in row] for row in predictions],
+                         ensure_ascii=False))
         return 0
     for index, row in enumerate(predictions, start=1):
         print(f"[MASK] #{index}:")

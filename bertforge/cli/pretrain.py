@@ -15,18 +15,11 @@ from pathlib import Path
 
 from bertforge.config import PRESETS
 
-_DEFAULTS: dict = {}
-
-
-def _default(name: str) -> object:
-    if not _DEFAULTS:
-        from bertforge.pretrain import PretrainConfig
-        _DEFAULTS.update({f.name: f.default for f in dataclasses.fields(PretrainConfig)})
-    return _DEFAULTS[name]
-
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from bertforge.pretrain import PretrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     parser = subparsers.add_parser(
         "pretrain", help="pre-train BERT (MLM + NSP) on a prepared DATA folder",
         description="Pre-train BERT with masked-LM + next-sentence prediction on DATA (from `bertforge prepare`). "
@@ -35,43 +28,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, type=Path, help="DATA folder written by `bertforge prepare`")
     parser.add_argument("--out", required=True, type=Path, help="RUN folder to create (or to --resume)")
 
-    def option(flag: str, help_text: str, **kwargs: object) -> None:
+    def option(group: argparse._ArgumentGroup, flag: str, help_text: str, **kwargs: object) -> None:
         name = flag.lstrip("-").replace("-", "_")
-        default = _default(name)
+        default = defaults[name]
         shown = "" if default is None or isinstance(default, bool) else f" (default: {default})"
-        parser.add_argument(flag, dest=name, help=help_text + shown, **kwargs)
+        group.add_argument(flag, dest=name, help=help_text + shown, **kwargs)
 
     model = parser.add_argument_group("model")
-    option("--model", f"architecture: {'|'.join(PRESETS)} or a CONFIG.json")
-    option("--init", "start from the weights and architecture of a run, checkpoint or model folder", type=Path)
-    option("--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
-    option("--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
+    option(model, "--model", f"architecture: {'|'.join(PRESETS)} or a CONFIG.json")
+    option(model, "--init", "start from the weights and architecture of a run, checkpoint or model folder", type=Path)
+    option(model, "--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
+    option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
     optim = parser.add_argument_group("optimisation")
-    option("--batch-size", "instances per micro-batch (per process)", type=int)
-    option("--grad-accum", "micro-batches per optimizer step", type=int)
-    option("--lr", "peak learning rate", type=float)
-    option("--warmup-steps", "linear warm-up steps (default: 10%% of the steps, at most 10,000)", type=int)
-    option("--max-steps", "optimizer steps (default: one epoch)", type=int)
-    option("--epochs", "passes over the training split (with --max-steps: whichever ends first)", type=float)
-    option("--weight-decay", "decoupled weight decay (not on biases and LayerNorm)", type=float)
-    option("--optimizer", "adamw or lamb (for very large batches)", choices=("adamw", "lamb"))
-    option("--precision", "fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA, with a grad scaler)",
+    option(optim, "--batch-size", "instances per micro-batch (per process)", type=int)
+    option(optim, "--grad-accum", "micro-batches per optimizer step", type=int)
+    option(optim, "--lr", "peak learning rate", type=float)
+    option(optim, "--warmup-steps", "linear warm-up steps (default: 10%% of the steps, at most 10,000)", type=int)
+    option(optim, "--max-steps", "optimizer steps (default: one epoch)", type=int)
+    option(optim, "--epochs", "passes over the training split (with --max-steps: whichever ends first)", type=float)
+    option(optim, "--weight-decay", "decoupled weight decay (not on biases and LayerNorm)", type=float)
+    option(optim, "--optimizer", "adamw or lamb (for very large batches)", choices=("adamw", "lamb"))
+    option(optim, "--precision", "fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA, with a grad scaler)",
            choices=("fp32", "bf16", "fp16"))
-    option("--compile", "torch.compile the model", action="store_true")
-    option("--device", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    option("--seed", "seed of initialisation, data order, dropout and dynamic masks", type=int)
+    option(optim, "--compile", "torch.compile the model", action="store_true")
+    option(optim, "--device", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    option(optim, "--seed", "seed of initialisation, data order, dropout and dynamic masks", type=int)
     run = parser.add_argument_group("run")
-    option("--log-every", "steps between metric lines", type=int)
-    option("--eval-every", "steps between validation evaluations (and one at the end)", type=int)
-    option("--eval-batches", "at most this many validation batches per evaluation (default: all)", type=int)
-    option("--save-every", "steps between checkpoints (and one at the end)", type=int)
-    option("--keep-last", "keep only the newest N checkpoints (default: all)", type=int)
-    option("--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
-    option("--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
+    option(run, "--log-every", "steps between metric lines", type=int)
+    option(run, "--eval-every", "steps between validation evaluations (and one at the end)", type=int)
+    option(run, "--eval-batches", "at most this many validation batches per evaluation (default: all)", type=int)
+    option(run, "--save-every", "steps between checkpoints (and one at the end)", type=int)
+    option(run, "--keep-last", "keep only the newest N checkpoints (default: all)", type=int)
+    option(run, "--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
+    option(run, "--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
            choices=("stop", "rollback"))
-    option("--resume", "continue RUN from its newest complete checkpoint with its saved settings",
+    option(run, "--resume", "continue RUN from its newest complete checkpoint with its saved settings",
            action="store_true")
-    option("--overwrite", "delete the run already in RUN and start over", action="store_true")
+    option(run, "--overwrite", "delete the run already in RUN and start over", action="store_true")
     parser.set_defaults(func=run_pretrain)
 
     evaluate = subparsers.add_parser(

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from bertforge.data.spill import InstanceBatch
 from bertforge.errors import BertforgeError
 
 
@@ -84,64 +85,6 @@ class TokenCorpus:
     @property
     def num_documents(self) -> int:
         return len(self.document_offsets) - 1
-
-
-@dataclass
-class InstanceBatch:
-    """Instances as flat arrays (n instances, t tokens, m masks in all): the unit written to disk.
-
-    ids (t,) int32 unmasked [CLS] A [SEP] B [SEP]; offsets (n + 1,) int64; a_len (n,) len([CLS] A [SEP]);
-    is_random_next (n,) bool; mask_offsets (n + 1,) int64; masked_positions (m,) ascending per instance;
-    masked_ids (m,) the labels; replacement_ids (m,) what the input holds there.
-    truncated / short_target (n,) bool: the pair was cut to fit / came from a pass with a short target.
-    """
-
-    ids: np.ndarray
-    offsets: np.ndarray
-    a_len: np.ndarray
-    is_random_next: np.ndarray
-    mask_offsets: np.ndarray
-    masked_positions: np.ndarray
-    masked_ids: np.ndarray
-    replacement_ids: np.ndarray
-    truncated: np.ndarray
-    short_target: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.a_len)
-
-    def take(self, index: np.ndarray) -> "InstanceBatch":
-        """The instances at `index` (any order, e.g. a permutation), gathered into a new batch."""
-        index = np.asarray(index, dtype=np.int64)
-        ids, offsets = _gather_ragged(self.ids, self.offsets, index)
-        positions, mask_offsets = _gather_ragged(self.masked_positions, self.mask_offsets, index)
-        masked_ids, _ = _gather_ragged(self.masked_ids, self.mask_offsets, index)
-        replacements, _ = _gather_ragged(self.replacement_ids, self.mask_offsets, index)
-        return InstanceBatch(ids, offsets, np.asarray(self.a_len[index]), np.asarray(self.is_random_next[index]),
-                             mask_offsets, positions, masked_ids, replacements,
-                             np.asarray(self.truncated[index]), np.asarray(self.short_target[index]))
-
-    @staticmethod
-    def concatenate(batches: Sequence["InstanceBatch"]) -> "InstanceBatch":
-        def offsets(name: str) -> np.ndarray:
-            parts = [np.diff(getattr(b, name)) for b in batches]
-            return np.concatenate([[0], np.cumsum(np.concatenate(parts))]).astype(np.int64)
-
-        def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(b, name) for b in batches])
-
-        return InstanceBatch(cat("ids"), offsets("offsets"), cat("a_len"), cat("is_random_next"),
-                             offsets("mask_offsets"), cat("masked_positions"), cat("masked_ids"),
-                             cat("replacement_ids"), cat("truncated"), cat("short_target"))
-
-
-def _gather_ragged(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    starts = np.asarray(offsets[index], dtype=np.int64)
-    lengths = np.asarray(offsets[index + 1], dtype=np.int64) - starts
-    new_offsets = np.zeros(len(index) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    flat = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
-    return np.asarray(values[flat]), new_offsets
 
 
 def continuation_flags(vocab: Sequence[str]) -> np.ndarray:
@@ -357,23 +300,22 @@ def generate_fast(corpus: TokenCorpus, order: np.ndarray, positions: range, opti
     seq = np.random.SeedSequence(list(seed))
     pair_rng = random.Random(int.from_bytes(seq.generate_state(4, np.uint32).tobytes(), "little"))
     np_rng = np.random.default_rng(seq.spawn(1)[0])
-    word_rng = random.Random(pair_rng.getrandbits(64)) if options.whole_word_mask else None
     max_num = options.max_seq_len - 3
     pairs: list[Pair] = []
     for _ in range(options.dupe_factor):
         for k in positions:
             pairs.extend(_document_pairs(corpus, order, k, pair_rng, max_num, options.short_seq_prob))
             if len(pairs) >= batch_size:
-                yield _build_fast(corpus, pairs, options, special, np_rng, word_rng)
+                yield _build_fast(corpus, pairs, options, special, np_rng)
                 pairs = []
             if progress is not None:
                 progress(1)
     if pairs:
-        yield _build_fast(corpus, pairs, options, special, np_rng, word_rng)
+        yield _build_fast(corpus, pairs, options, special, np_rng)
 
 
 def _build_fast(corpus: TokenCorpus, pairs: list[Pair], options: InstanceOptions, special: SpecialTokens,
-                rng: np.random.Generator, word_rng: random.Random | None) -> InstanceBatch:
+                rng: np.random.Generator) -> InstanceBatch:
     """Truncation, [CLS] A [SEP] B [SEP] assembly and masking of a batch of pairs, vectorised."""
     a0, a1, b0, b1, is_random, short = (np.array(column) for column in zip(*pairs))
     la, lb = a1 - a0, b1 - b0
@@ -406,55 +348,63 @@ def _build_fast(corpus: TokenCorpus, pairs: list[Pair], options: InstanceOptions
 
     # candidates as in the reference: every position whose id is not [CLS] or [SEP]
     candidate = (in_a | in_b) & (grid != special.cls_id) & (grid != special.sep_id)
-    if word_rng is not None:
-        positions, masked, replaced, counts = _mask_words(corpus, grid, lengths, in_a | in_b, source, options,
-                                                          special, word_rng)
-    else:
-        positions, masked, replaced, counts = _mask_uniform(grid, candidate, lengths, options, special, rng)
-    mask_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return InstanceBatch(ids, offsets, (la + 2).astype(np.int32), is_random.astype(bool), mask_offsets,
-                         positions, masked, replaced, excess > 0, short.astype(bool))
-
-
-def _mask_uniform(grid: np.ndarray, candidate: np.ndarray, lengths: np.ndarray, options: InstanceOptions,
-                  special: SpecialTokens, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """Per row a uniform random subset of the candidate positions of the reference's size, 80/10/10 replaced."""
-    n, width = grid.shape
     num = np.minimum(options.max_predictions, np.maximum(1, np.rint(lengths * options.masked_lm_prob)))
     num = np.minimum(num, candidate.sum(axis=1)).astype(np.int64)
-    scores = rng.random((n, width))
-    scores[~candidate] = 2.0  # never among the smallest while a candidate is left
-    k = min(options.max_predictions, width)
-    smallest = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < width else np.argsort(scores, axis=1)
-    by_score = np.take_along_axis(smallest, np.argsort(np.take_along_axis(scores, smallest, 1), axis=1), 1)
-    chosen = np.arange(k)[None, :] < num[:, None]
-    positions = np.sort(np.where(chosen, by_score, width), axis=1)[chosen]  # ascending per row
-    rows = np.repeat(np.arange(n), num)
+    if options.whole_word_mask and corpus.word_starts is not None:
+        starts = candidate & np.where(in_a | in_b, corpus.word_starts[source], True)
+        masked_grid = _choose_words(candidate, starts, num, rng)
+    else:
+        masked_grid = _choose_tokens(candidate, num, options.max_predictions, rng)
+    rows, positions = np.nonzero(masked_grid)   # row-major: ascending positions per instance
     masked = grid[rows, positions]
     draw = rng.random(len(positions))
     random_ids = rng.integers(0, special.vocab_size, len(positions))
     replaced = np.where(draw < 0.8, special.mask_id, np.where(draw < 0.9, masked, random_ids))
-    return positions.astype(np.int32), masked.astype(np.int32), replaced.astype(np.int32), num
+    mask_offsets = np.concatenate([[0], np.cumsum(masked_grid.sum(axis=1))]).astype(np.int64)
+    return InstanceBatch(ids, offsets, (la + 2).astype(np.int32), is_random.astype(bool), mask_offsets,
+                         positions.astype(np.int32), masked.astype(np.int32), replaced.astype(np.int32),
+                         excess > 0, short.astype(bool))
 
 
-def _mask_words(corpus: TokenCorpus, grid: np.ndarray, lengths: np.ndarray, text: np.ndarray, source: np.ndarray,
-                options: InstanceOptions, special: SpecialTokens,
-                rng: random.Random) -> tuple[np.ndarray, ...]:
-    """Whole-word masking: the reference's per-instance word walk (words must fit whole, so it stays scalar)."""
-    assert corpus.word_starts is not None
-    starts_grid = np.where(text, corpus.word_starts[source], True)
-    specials = frozenset((special.cls_id, special.sep_id))
-    positions: list[int] = []
-    masked: list[int] = []
-    replaced: list[int] = []
-    counts = np.zeros(len(grid), dtype=np.int64)
-    for row, (ids, starts, length) in enumerate(zip(grid.tolist(), starts_grid.tolist(), lengths.tolist())):
-        p, m, r = mask_tokens(ids[:length], rng, masked_lm_prob=options.masked_lm_prob,
-                              max_predictions=options.max_predictions, vocab_size=special.vocab_size,
-                              special_ids=specials, mask_id=special.mask_id, word_starts=starts[:length])
-        positions += p
-        masked += m
-        replaced += r
-        counts[row] = len(p)
-    return (np.array(positions, dtype=np.int32), np.array(masked, dtype=np.int32),
-            np.array(replaced, dtype=np.int32), counts)
+def _choose_tokens(candidate: np.ndarray, num: np.ndarray, max_predictions: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n, width) bool: per row a uniform random subset of `num` candidate positions (a shuffle's first num)."""
+    n, width = candidate.shape
+    scores = rng.random((n, width))
+    scores[~candidate] = 2.0  # never among the smallest while a candidate is left
+    k = min(max_predictions, width)
+    smallest = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < width else np.argsort(scores, axis=1)
+    ranked = np.take_along_axis(smallest, np.argsort(np.take_along_axis(scores, smallest, 1), axis=1), 1)
+    chosen = np.zeros((n, width), dtype=bool)
+    np.put_along_axis(chosen, ranked, np.arange(ranked.shape[1])[None, :] < num[:, None], axis=1)
+    return chosen
+
+
+def _choose_words(candidate: np.ndarray, starts: np.ndarray, num: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """(n, width) bool: the reference's whole-word walk, vectorised over rows. Words (a start and the candidates
+    after it up to the next start) in uniform random order are taken while they fit in `num`; a word that would
+    overshoot is skipped and the walk goes on."""
+    n, width = candidate.shape
+    first = np.argmax(candidate, axis=1)   # a row's first candidate always opens a word, as in the reference
+    starts = starts.copy()
+    starts[np.arange(n), first] = candidate[np.arange(n), first]
+    word = np.where(candidate, np.cumsum(starts, axis=1) - 1, -1)   # (n, width) word index, -1 off-candidate
+    n_words = int(starts.sum(axis=1).max())
+    column = np.where(word >= 0, word, n_words)   # off-candidate positions count into a spare last column
+    flat = (np.arange(n)[:, None] * (n_words + 1) + column).ravel()
+    sizes = np.bincount(flat, minlength=n * (n_words + 1)).reshape(n, n_words + 1)[:, :n_words]
+    ranked = np.argsort(np.where(sizes > 0, rng.random((n, n_words)), 2.0), axis=1)
+    ranked_sizes = np.take_along_axis(sizes, ranked, axis=1)
+    taken = np.zeros((n, n_words), dtype=bool)
+    count = np.zeros(n, dtype=np.int64)
+    for r in range(n_words):
+        size = ranked_sizes[:, r]
+        fits = (size > 0) & (count + size <= num)
+        taken[:, r] = fits
+        count += np.where(fits, size, 0)
+        if (count >= num).all():
+            break
+    chosen_words = np.zeros((n, n_words + 1), dtype=bool)
+    np.put_along_axis(chosen_words, ranked, taken, axis=1)
+    return np.take_along_axis(chosen_words, column, axis=1)

@@ -1,4 +1,5 @@
-"""Instances spilled to disk while they are generated, read back in a random order with bounded memory.
+"""Instances as flat arrays (`InstanceBatch`), spilled to disk while they are generated and read back in a
+random order with bounded memory.
 
 The reference keeps every instance in memory to shuffle them once at the end. Here generated instances go to
 append-only run files (`RunFile`), and two bounded-memory shuffles read them back:
@@ -19,11 +20,69 @@ plain file reads, not memory maps, so the resident set does not grow with the si
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from bertforge.data.instances import InstanceBatch
+
+@dataclass
+class InstanceBatch:
+    """Instances as flat arrays (n instances, t tokens, m masks in all): the unit written to disk.
+
+    ids (t,) int32 unmasked [CLS] A [SEP] B [SEP]; offsets (n + 1,) int64; a_len (n,) len([CLS] A [SEP]);
+    is_random_next (n,) bool; mask_offsets (n + 1,) int64; masked_positions (m,) ascending per instance;
+    masked_ids (m,) the labels; replacement_ids (m,) what the input holds there.
+    truncated / short_target (n,) bool: the pair was cut to fit / came from a pass with a short target.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    a_len: np.ndarray
+    is_random_next: np.ndarray
+    mask_offsets: np.ndarray
+    masked_positions: np.ndarray
+    masked_ids: np.ndarray
+    replacement_ids: np.ndarray
+    truncated: np.ndarray
+    short_target: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.a_len)
+
+    def take(self, index: np.ndarray) -> "InstanceBatch":
+        """The instances at `index` (any order, e.g. a permutation), gathered into a new batch."""
+        index = np.asarray(index, dtype=np.int64)
+        ids, offsets = _gather_ragged(self.ids, self.offsets, index)
+        positions, mask_offsets = _gather_ragged(self.masked_positions, self.mask_offsets, index)
+        masked_ids, _ = _gather_ragged(self.masked_ids, self.mask_offsets, index)
+        replacements, _ = _gather_ragged(self.replacement_ids, self.mask_offsets, index)
+        return InstanceBatch(ids, offsets, np.asarray(self.a_len[index]), np.asarray(self.is_random_next[index]),
+                             mask_offsets, positions, masked_ids, replacements,
+                             np.asarray(self.truncated[index]), np.asarray(self.short_target[index]))
+
+    @staticmethod
+    def concatenate(batches: Sequence["InstanceBatch"]) -> "InstanceBatch":
+        def offsets(name: str) -> np.ndarray:
+            parts = [np.diff(getattr(b, name)) for b in batches]
+            return np.concatenate([[0], np.cumsum(np.concatenate(parts))]).astype(np.int64)
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(b, name) for b in batches])
+
+        return InstanceBatch(cat("ids"), offsets("offsets"), cat("a_len"), cat("is_random_next"),
+                             offsets("mask_offsets"), cat("masked_positions"), cat("masked_ids"),
+                             cat("replacement_ids"), cat("truncated"), cat("short_target"))
+
+
+def _gather_ragged(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.asarray(offsets[index], dtype=np.int64)
+    lengths = np.asarray(offsets[index + 1], dtype=np.int64) - starts
+    new_offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    flat = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
+    return np.asarray(values[flat]), new_offsets
+
 
 # InstanceBatch field -> stored dtype ("token": uint16 or int32, the vocabulary's token dtype)
 _FIELDS = {

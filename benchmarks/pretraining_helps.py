@@ -1,0 +1,233 @@
+"""Does pre-training help? Fine-tune a pre-trained model and the same architecture from random initialisation.
+
+Protocol (issue 5):
+1. Pre-train a model (`--size`, default mini) on the English Wikipedia extract in ../shared/data for a fixed CPU
+   budget: `--pretrain-steps` optimizer steps of `--pretrain-batch` instances of `--seq-len` tokens, capped at
+   `--pretrain-minutes` of wall time (the reference vocabulary `reference/en_vocab_8k.txt`, uncased).
+2. Export the same architecture with random weights (seed 0) and the same vocabulary.
+3. Fine-tune both with identical settings and budgets on SST-2 (the first `--sst2-train` training sentences, the
+   full dev set) and CoNLL-2003 (the first `--conll-train` training sentences; dev and test F1), one run per seed.
+4. The Chinese path once: pre-train on the Chinese corpora (Wikipedia sample + classic novels,
+   `reference/zh_vocab_6k.txt`) for a third of the budget, fine-tune on ChnSentiCorp, seed 1, both inits.
+5. Print (and write to OUT/report.md) mean +- sample std over seeds, and whether the pre-trained model wins by
+   more than the seed spread (the sum of both standard deviations).
+
+Resumable: every finished stage is recorded in OUT/results.json and skipped when the script runs again; an
+interrupted pre-training run resumes from its last checkpoint.
+
+    python benchmarks/pretraining_helps.py --out runs/pretraining_helps              # the full protocol
+    python benchmarks/pretraining_helps.py --out runs/pretraining_helps_quick --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bertforge.data.prepare import prepare
+from bertforge.finetune import FinetuneConfig, finetune, predict
+from bertforge.heads import BertForPreTraining
+from bertforge.hf import export_hf, load_model
+from bertforge.pretrain import PretrainConfig, pretrain
+from bertforge.tokenizer import load_tokenizer
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+EN_VOCAB = DATA / "reference" / "en_vocab_8k.txt"
+ZH_VOCAB = DATA / "reference" / "zh_vocab_6k.txt"
+
+
+class Results:
+    """OUT/results.json: stage name -> result, written atomically after every stage."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def stage(self, name: str, run: Callable[[], Any]) -> Any:
+        if name in self.data:
+            print(f"[skip] {name} (done earlier)", flush=True)
+            return self.data[name]
+        print(f"[run ] {name}", flush=True)
+        started = time.monotonic()
+        value = run()
+        self.data[name] = {"value": value, "seconds": round(time.monotonic() - started, 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+        return self.data[name]
+
+
+def slice_lines(source: Path, target: Path, keep: Callable[[list[str]], list[str]]) -> Path:
+    import gzip
+    with gzip.open(source, "rt", encoding="utf-8", newline="") as handle:
+        target.write_text("".join(keep(handle.readlines())), encoding="utf-8")
+    return target
+
+
+def conll_head(lines: list[str], sentences: int) -> list[str]:
+    """The first `sentences` sentences of a CoNLL file (-DOCSTART- lines do not count)."""
+    kept, seen, in_sentence = [], 0, False
+    for line in lines:
+        kept.append(line)
+        if line.strip() and not line.startswith("-DOCSTART-"):
+            in_sentence = True
+        elif not line.strip() and in_sentence:
+            seen, in_sentence = seen + 1, False
+            if seen == sentences:
+                break
+    return kept
+
+
+def pretrain_stage(args: argparse.Namespace, out: Path, corpus: list[Path], vocab: Path, *, minutes: float,
+                   steps: int) -> dict[str, Any]:
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        prepare(corpus, vocab, data, max_seq_len=args.seq_len, dupe_factor=args.dupe_factor, seed=12345,
+                overwrite=True, show_progress=False)
+    run = out / "run"
+    config = PretrainConfig(data=data, out=run, model=args.size, batch_size=args.pretrain_batch, lr=args.pretrain_lr,
+                            max_steps=steps, max_minutes=minutes, eval_every=max(1, steps // 4),
+                            save_every=max(1, steps // 10), keep_last=1, seed=0,
+                            resume=(run / "config.json").is_file(), overwrite=True)
+    result = pretrain(config)
+    print(result.summary, flush=True)
+    return {"steps": result.step, "stop_reason": result.stop_reason, "model": str(run / "model"),
+            "validation": result.eval_metrics}
+
+
+def random_twin(pretrained: Path, target: Path) -> str:
+    """The pre-trained model's architecture and vocabulary with fresh random weights."""
+    loaded = load_model(pretrained)
+    torch.manual_seed(0)
+    export_hf(BertForPreTraining(loaded.config), load_tokenizer(pretrained), target)
+    return str(target)
+
+
+def finetune_run(args: argparse.Namespace, task: str, model: str, train: Path, dev: Path, out: Path, seed: int,
+                 **extra: Any) -> dict[str, float]:
+    """One fine-tuning run; windows of `--seq-len` tokens, the positions pre-training trained."""
+    summary = finetune(FinetuneConfig(task=task, model=model, train=str(train), dev=str(dev), out=str(out),
+                                      epochs=args.epochs, lr=args.ft_lr, batch_size=args.ft_batch, seed=seed,
+                                      max_seq_len=args.seq_len, overwrite=True, **extra))
+    return {k: v for k, v in summary.items() if isinstance(v, float)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(results: Results, seeds: list[int], args: argparse.Namespace) -> str:
+    rows = [("SST-2 dev accuracy", "sst2", "accuracy"), ("CoNLL-2003 dev F1", "conll", "f1"),
+            ("CoNLL-2003 test F1", "conll", "test_f1")]
+    en = results.data.get("en/pretrain", {}).get("value", {})
+    lines = [f"Pre-training: {args.size}, {en.get('steps', '?')} steps of {args.pretrain_batch} x {args.seq_len} "
+             f"tokens (stopped by {en.get('stop_reason', '?')}; cap {args.pretrain_minutes} min), validation MLM "
+             f"accuracy {en.get('validation', {}).get('mlm_accuracy', float('nan')):.3f}. Fine-tuning: "
+             f"{args.epochs} epochs, lr {args.ft_lr}, batch {args.ft_batch}, seeds {seeds}.", "",
+             "| task | pre-trained | random init | difference | wins by more than the spread |",
+             "|---|---|---|---|---|"]
+    for title, prefix, key in rows:
+        scores = {init: [results.data[f"{prefix}/{init}/seed{s}"]["value"][key] for s in seeds
+                         if f"{prefix}/{init}/seed{s}" in results.data] for init in ("pretrained", "random")}
+        if not all(scores.values()):
+            continue
+        (pm, ps), (rm, rs) = mean_std(scores["pretrained"]), mean_std(scores["random"])
+        lines.append(f"| {title} | {pm:.4f} ± {ps:.4f} | {rm:.4f} ± {rs:.4f} | {pm - rm:+.4f} | "
+                     f"{'yes' if pm - rm > ps + rs else 'no'} |")
+    zh = {init: results.data.get(f"chnsenticorp/{init}/seed1", {}).get("value", {}).get("accuracy")
+          for init in ("pretrained", "random")}
+    if all(v is not None for v in zh.values()):
+        lines.append(f"| ChnSentiCorp dev accuracy (seed 1) | {zh['pretrained']:.4f} | {zh['random']:.4f} | "
+                     f"{zh['pretrained'] - zh['random']:+.4f} | (one seed) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/pretraining_helps"))
+    parser.add_argument("--size", default="mini")
+    parser.add_argument("--wiki-files", type=int, default=20, help="English Wikipedia files (wiki_00 ...) to use")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dupe-factor", type=int, default=2)
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--pretrain-batch", type=int, default=64)
+    parser.add_argument("--pretrain-lr", type=float, default=5e-4)
+    parser.add_argument("--pretrain-minutes", type=float, default=40.0)
+    parser.add_argument("--sst2-train", type=int, default=4000)
+    parser.add_argument("--conll-train", type=int, default=2000)
+    parser.add_argument("--chnsenticorp-train", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--ft-batch", type=int, default=32)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--no-chinese", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny model, small budgets (a smoke run, not the claim)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.wiki_files, args.pretrain_steps, args.pretrain_minutes = "tiny", 6, 1500, 15.0
+        args.sst2_train, args.conll_train, args.chnsenticorp_train, args.dupe_factor = 3000, 1500, 2000, 1
+    if not DATA.is_dir():
+        print(f"needs {DATA}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out / "results.json")
+    scratch = args.out / "files"
+    scratch.mkdir(exist_ok=True)
+
+    wiki = sorted((DATA / "en_pretrain" / "wikipedia_en_2015" / "AA").glob("wiki_*.gz"))[:args.wiki_files]
+    en = results.stage("en/pretrain", lambda: pretrain_stage(args, args.out / "en", wiki, EN_VOCAB,
+                                                             minutes=args.pretrain_minutes, steps=args.pretrain_steps))
+    models = {"pretrained": en["value"]["model"],
+              "random": results.stage("en/random", lambda: random_twin(Path(en["value"]["model"]),
+                                                                      args.out / "en" / "random"))["value"]}
+    sst_train = slice_lines(DATA / "glue" / "SST-2" / "train.tsv.gz", scratch / "sst2_train.tsv",
+                            lambda lines: lines[:args.sst2_train + 1])
+    sst_dev = DATA / "glue" / "SST-2" / "dev.tsv.gz"
+    conll_train = slice_lines(DATA / "conll2003" / "train.txt.gz", scratch / "conll_train.txt",
+                              lambda lines: conll_head(lines, args.conll_train))
+    conll_dev, conll_test = DATA / "conll2003" / "valid.txt.gz", DATA / "conll2003" / "test.txt.gz"
+    for seed in seeds:
+        for init, model in models.items():
+            results.stage(f"sst2/{init}/seed{seed}", lambda: finetune_run(
+                args, "classify", model, sst_train, sst_dev, scratch / f"sst2_{init}_{seed}", seed))
+
+            def conll() -> dict[str, float]:
+                out = scratch / f"conll_{init}_{seed}"
+                scores = finetune_run(args, "ner", model, conll_train, conll_dev, out, seed)
+                test = predict(out, conll_test, out / "test_predictions.conll")
+                return {**scores, "test_f1": test["f1"], "test_precision": test["precision"],
+                        "test_recall": test["recall"]}
+            results.stage(f"conll/{init}/seed{seed}", conll)
+
+    if not args.no_chinese:
+        zh_corpus = sorted((DATA / "zh_pretrain").rglob("*.txt.gz"))
+        zh = results.stage("zh/pretrain", lambda: pretrain_stage(args, args.out / "zh", zh_corpus, ZH_VOCAB,
+                                                                 minutes=args.pretrain_minutes / 3,
+                                                                 steps=max(1, args.pretrain_steps // 3)))
+        zh_models = {"pretrained": zh["value"]["model"],
+                     "random": results.stage("zh/random", lambda: random_twin(Path(zh["value"]["model"]),
+                                                                             args.out / "zh" / "random"))["value"]}
+        zh_train = slice_lines(DATA / "zh_tasks" / "chnsenticorp" / "train.tsv.gz", scratch / "chnsenticorp.tsv",
+                               lambda lines: lines[:args.chnsenticorp_train + 1])
+        for init, model in zh_models.items():
+            results.stage(f"chnsenticorp/{init}/seed1", lambda: finetune_run(
+                args, "classify", model, zh_train, DATA / "zh_tasks" / "chnsenticorp" / "dev.tsv.gz",
+                scratch / f"chnsenticorp_{init}", 1, length_bucketing=True))
+
+    table = report(results, seeds, args)
+    (args.out / "report.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
