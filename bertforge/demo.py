@@ -52,7 +52,7 @@ FILL_MASK_EXAMPLES = (
     "the city is the [MASK] of the province .",
     "she was born in 1950 and [MASK] in 2010 .",
 )
-NSP_EXAMPLES = (  # the paper's Figure/Table examples: (A, B, does B follow A?)
+NSP_EXAMPLES = (  # after the paper's §3.1 examples: (A, B, does B follow A?)
     ("the man went to the store .", "he bought a gallon of milk .", True),
     ("the man went to the store .", "penguins are flightless birds .", False),
 )

@@ -289,13 +289,13 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
             finite = bool(torch.isfinite(finite_check).item())
             if finite:
                 scaler.step(optimizer)
+                scheduler.step()  # the schedule counts updates: a skipped step does not advance it
                 bad_in_row = 0
             else:
                 bad_in_row += 1
                 result.skipped_steps += 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             step += 1
             window_time += time.perf_counter() - step_start
             if finite:

@@ -62,7 +62,7 @@ class PretrainConfig:
     log_every: int = 10
     eval_every: int | None = 1000
     save_every: int | None = 1000
-    keep_last: int | None = None
+    keep_last: int | None = 3          # checkpoints kept (the newest complete one is never deleted)
     resume: bool = False
     overwrite: bool = False
     dynamic_masking: bool = False

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from bertforge.corpus import default_corpus_files
-from bertforge.data.instances import (InstanceBatch, InstanceOptions, SpecialTokens, TokenCorpus, final_permutation,
-                                      generate_exact, generate_fast, mask_tokens)
+from bertforge.data.instances import (InstanceOptions, SpecialTokens, TokenCorpus, final_permutation, generate_exact,
+                                      generate_fast, mask_tokens)
 from bertforge.data.prepare import tokenize_corpus
+from bertforge.data.spill import InstanceBatch
 from bertforge.errors import BertforgeError
 from bertforge.tokenizer import load_tokenizer
 

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare", help="build NSP + MLM pre-training instances from a corpus",
         description="Turn raw text into BERT pre-training instances (Google's create_pretraining_data.py "
-                    "algorithm): sentence pairs, IsNext / NotNext, 15%% of tokens masked 80/10/10. "
+                    "algorithm): sentence pairs, IsNext / NotNext, 15% of tokens masked 80/10/10. "
                     "CORPUS: files, directories or globs (.txt, .gz, .zst); the bundled corpus if none.",
         usage=f"{_TEMPLATE} [options]")
     parser.add_argument("corpus", nargs="*", metavar="CORPUS", help="corpus files, directories or globs")
@@ -24,20 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DATA", help="the DATA folder to write")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="corpus format (default: detect per file: wikiextractor, jsonl or lines)")
-    parser.add_argument("--max-seq-len", type=int, default=128, help="tokens per instance, with specials (128)")
-    parser.add_argument("--max-predictions", type=int, default=20, help="most masked tokens per instance (20)")
-    parser.add_argument("--masked-lm-prob", type=float, default=0.15, help="share of tokens masked (0.15)")
-    parser.add_argument("--short-seq-prob", type=float, default=0.1,
+    parser.add_argument("--max-seq-len", metavar="N", type=int, default=128, help="tokens per instance, with specials (128)")
+    parser.add_argument("--max-predictions", metavar="N", type=int, default=20, help="most masked tokens per instance (20)")
+    parser.add_argument("--masked-lm-prob", metavar="P", type=float, default=0.15, help="share of tokens masked (0.15)")
+    parser.add_argument("--short-seq-prob", metavar="P", type=float, default=0.1,
                         help="probability of a shorter random target length per document pass (0.1)")
-    parser.add_argument("--dupe-factor", type=int, default=10,
+    parser.add_argument("--dupe-factor", metavar="N", type=int, default=10,
                         help="passes over the corpus, each with fresh pairs and masks (10)")
-    parser.add_argument("--seed", type=int, default=12345, help="random seed (12345)")
+    parser.add_argument("--seed", metavar="N", type=int, default=12345, help="random seed (12345)")
     parser.add_argument("--whole-word-mask", action="store_true", help="mask all pieces of a word together")
     parser.add_argument("--chinese-wwm", action="store_true",
                         help="mask whole Chinese words found by jieba (Chinese-BERT-wwm); implies --whole-word-mask")
-    parser.add_argument("--validation-fraction", type=float, default=0.01,
+    parser.add_argument("--validation-fraction", metavar="F", type=float, default=0.01,
                         help="share of whole documents held out as the validation split (0.01; 0 for none)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="processes generating instances (default: min(cores, 4))")
     parser.add_argument("--exact", action="store_true",
                         help="one process, the reference's random draws: reproduces create_pretraining_data.py "

@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     model = parser.add_argument_group("model")
     option(model, "--model", f"architecture: {'|'.join(PRESETS)} or a CONFIG.json")
-    option(model, "--init", "start from the weights and architecture of a run, checkpoint or model folder", type=Path)
+    option(model, "--init", "start from the weights and architecture (instead of --model) of a run, checkpoint or "
+           "model folder, with a fresh optimizer and schedule (e.g. phase 2 on longer sequences)", type=Path)
     option(model, "--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
     option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
     optim = parser.add_argument_group("optimisation")
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(run, "--eval-every", "steps between validation evaluations (and one at the end)", type=int)
     option(run, "--eval-batches", "at most this many validation batches per evaluation (default: all)", type=int)
     option(run, "--save-every", "steps between checkpoints (and one at the end)", type=int)
-    option(run, "--keep-last", "keep only the newest N checkpoints (default: all)", type=int)
+    option(run, "--keep-last", "keep only the newest N checkpoints", type=int)
     option(run, "--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
     option(run, "--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
            choices=("stop", "rollback"))

@@ -19,8 +19,8 @@ plain file reads, not memory maps, so the resident set does not grow with the si
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
