@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chinese", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny model, small budgets (a smoke run, not the claim)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.size, args.wiki_files, args.pretrain_steps, args.pretrain_minutes = "tiny", 6, 1500, 15.0
-        args.sst2_train, args.conll_train, args.chnsenticorp_train, args.dupe_factor = 3000, 1500, 2000, 1
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(size="tiny", wiki_files=6, pretrain_steps=1500, pretrain_minutes=15.0, sst2_train=3000,
+                            conll_train=1500, chnsenticorp_train=2000, dupe_factor=1)
+        args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"needs {DATA}", file=sys.stderr)
         return 2

@@ -364,6 +364,7 @@ def _write(batches: Iterator[InstanceBatch], writer: ShardWriter, *, chunk: int 
         counts["truncated_instances"] += int(batch.truncated.sum())
         counts["short_target_instances"] += int(batch.short_target.sum())
         counts["masks"] += len(batch.masked_positions)
+        del batch   # free it before the generator builds the next one
     return counts
 
 

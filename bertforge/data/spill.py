@@ -80,7 +80,8 @@ def _gather_ragged(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -
     lengths = np.asarray(offsets[index + 1], dtype=np.int64) - starts
     new_offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
-    flat = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
+    flat = np.repeat(starts - new_offsets[:-1], lengths)
+    flat += np.arange(new_offsets[-1], dtype=np.int64)
     return np.asarray(values[flat]), new_offsets
 
 
@@ -152,7 +153,7 @@ class RunFile:
             self._path(name).unlink(missing_ok=True)
 
 
-def random_merge(runs: Sequence[RunFile], rng: np.random.Generator, *, chunk: int = 32768) -> Iterator[InstanceBatch]:
+def random_merge(runs: Sequence[RunFile], rng: np.random.Generator, *, chunk: int = 8192) -> Iterator[InstanceBatch]:
     """All instances of `runs` (each already shuffled) in a uniformly random interleaving, `chunk` at a time."""
     remaining = np.array([run.count for run in runs], dtype=np.int64)
     cursors = np.zeros(len(runs), dtype=np.int64)
@@ -170,16 +171,22 @@ def random_merge(runs: Sequence[RunFile], rng: np.random.Generator, *, chunk: in
         remaining -= take
 
 
-def permute_external(run: RunFile, permutation: np.ndarray, work_prefix: Path, *,
-                     bucket: int = 65536) -> Iterator[InstanceBatch]:
-    """run's instances in the order output[k] = run[permutation[k]], `bucket` at a time, in two passes."""
+def permute_external(run: RunFile, permutation: np.ndarray, work_prefix: Path, *, chunk: int = 65536,
+                     max_buckets: int = 64, out_chunk: int = 8192) -> Iterator[InstanceBatch]:
+    """run's instances in the order output[k] = run[permutation[k]], `out_chunk` at a time, in two passes.
+
+    Pass 1 reads the run in order, `chunk` at a time, and appends each instance to the bucket of its output
+    position (at most `max_buckets` buckets of consecutive positions, so the appends stay linear in the run);
+    pass 2 loads one bucket at a time and emits it in output order.
+    """
     total = run.count
     position = np.empty(total, dtype=np.int64)
     position[permutation] = np.arange(total)
+    bucket = max(chunk, -(-total // max_buckets))
     n_buckets = max(1, -(-total // bucket))
     buckets = [RunFile(work_prefix.with_name(f"{work_prefix.name}.b{b:05d}"), run.dtypes["ids"])
                for b in range(n_buckets)]
-    for start, batch in run.chunks(bucket):
+    for start, batch in run.chunks(chunk):
         target = position[start:start + len(batch)] // bucket
         order = np.argsort(target, kind="stable")
         bounds = np.searchsorted(target[order], np.arange(n_buckets + 1))
@@ -188,7 +195,9 @@ def permute_external(run: RunFile, permutation: np.ndarray, work_prefix: Path, *
                 buckets[b].append(batch.take(order[bounds[b]:bounds[b + 1]]))
     for b, part in enumerate(buckets):
         batch = part.read(0, part.count)
-        # within a bucket the instances arrived in generation order; sort them by their output position
-        generated = np.flatnonzero(position // bucket == b)
-        yield batch.take(np.argsort(position[generated], kind="stable"))
         part.delete()
+        # within a bucket the instances arrived in generation order; sort them by their output position
+        in_bucket = position[np.flatnonzero(position // bucket == b)]
+        order = np.argsort(in_bucket, kind="stable")
+        for start in range(0, len(order), out_chunk):
+            yield batch.take(order[start:start + out_chunk])
