@@ -242,3 +242,22 @@ def test_cli_bad_input_is_one_line_exit_2(models, tmp_path, capsys):
         assert code == 2, (argv, err)
         assert err.startswith("bertforge: error:") and expected in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()                               # nothing half-written
+
+
+def test_cli_finetune_then_predict(models, tmp_path, capsys):
+    train = head_lines(DATA / "glue" / "MRPC" / "dev.tsv.gz", tmp_path / "dev.tsv", 33)
+    out = tmp_path / "run"
+    code, _ = run_cli(capsys, "finetune", "classify", "--model", str(models["en"]), "--train", str(train),
+                      "--dev", str(train), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                      "--max-seq-len", "48", "--seeds", "3,4")
+    assert code == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["seeds"] == [3, 4] and "mcc_std" in saved and saved["config"]["max_seq_len"] == 48
+    code, _ = run_cli(capsys, "predict", "--model", str(out / "model"), "--input", str(train),
+                      "--out", str(tmp_path / "pred.tsv"))
+    assert code == 0
+    rows = (tmp_path / "pred.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["sentence1", "sentence2", "label", "prediction"] and len(rows) == 33
+    code, err = run_cli(capsys, "finetune", "classify", "--model", str(models["en"]), "--train", str(train),
+                        "--dev", str(train), "--out", str(out), "--epochs", "1")
+    assert code == 2 and "--overwrite" in err                            # an earlier run is never clobbered

@@ -124,7 +124,8 @@ def test_model_flops_per_token_matches_a_hand_count():
     config = ModelConfig.preset("tiny", vocab_size=1000)  # H=128, I=512, L=2
     hidden, inter, vocab, seq, masked = 128, 512, 1000, 64, 10.0
     per_layer = 2 * (4 * hidden * hidden + 2 * hidden * inter) + 2 * 2 * seq * hidden
-    forward = 2 * per_layer + masked / seq * 2 * (hidden * hidden + hidden * vocab) + 2 * (hidden * hidden + 2 * hidden) / seq
+    mlm_head = masked / seq * 2 * (hidden * hidden + hidden * vocab)
+    forward = 2 * per_layer + mlm_head + 2 * (hidden * hidden + 2 * hidden) / seq
     assert model_flops_per_token(config, seq, masked) == pytest.approx(3 * forward)
     # Only masked positions go through the vocabulary projection.
     assert model_flops_per_token(config, seq, 0.0) < model_flops_per_token(config, seq, masked)

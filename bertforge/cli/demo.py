@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="wall-clock budget for the whole demo, in minutes (default 10)")
     parser.add_argument("--out", type=Path, default=Path("bertforge-demo"),
                         help="folder for tokenizer, data and run (default ./bertforge-demo)")
-    parser.add_argument("--model", default="mini",
-                        help="model size (tiny|mini|small|...) or CONFIG.json (default mini)")
+    parser.add_argument("--model", default="tiny",
+                        help="model size (tiny|mini|small|...) or CONFIG.json "
+                             "(default tiny: the most learning per CPU minute)")
     parser.add_argument("--seed", type=int, default=12345, help="seed of every random choice (default 12345)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --out and start over")

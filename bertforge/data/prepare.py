@@ -43,7 +43,7 @@ from bertforge.errors import BertforgeError
 from bertforge.tokenizer import Tokenizer, load_tokenizer
 
 _ENCODE_SENTENCES = 8192   # sentences per encode_batch call
-_RUN_INSTANCES = 65536     # instances a fast task shuffles in memory before writing a run
+_RUN_INSTANCES = 32768     # instances a fast task shuffles in memory before writing a run (bounds memory)
 _TASK_TOKENS = 1 << 20     # about this many corpus tokens per fast task (at least 16 tasks per split)
 SPLITS = ("train", "validation")
 
