@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
+# Test-only: seconds to sleep between writing the weights and meta.json, so that the fault tests
+# (tests/faults/) can SIGKILL a run inside the write window reliably. Unset in normal use.
+SAVE_DELAY_ENV = "BERTFORGE_TEST_SAVE_DELAY"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -116,6 +120,8 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, st
     tmp.mkdir(parents=True)
     safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
     torch.save(state, tmp / STATE_FILE)
+    if os.environ.get(SAVE_DELAY_ENV):
+        time.sleep(float(os.environ[SAVE_DELAY_ENV]))
     files = {}
     for name in (MODEL_FILE, STATE_FILE):
         _fsync(tmp / name)

@@ -11,18 +11,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint
@@ -35,6 +38,10 @@ WEIGHTS_NAME = "model.safetensors"
 SHARDED_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
+# A sha256 over every tensor (name, dtype, shape, bytes) that export_hf stores in model.safetensors' own header
+# metadata, so a damaged file is caught on load while the folder stays a plain Hugging Face folder (transformers
+# ignores extra metadata keys). Third-party files carry none: there only what safetensors itself checks is caught.
+DIGEST_KEY = "bertforge_tensors_sha256"
 
 # Hugging Face architecture name <-> our class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -168,6 +175,29 @@ def _architecture_of(model: nn.Module) -> str:
     raise TypeError(f"cannot export a {type(model).__name__}; expected one of {', '.join(ARCHITECTURES)}")
 
 
+def tensors_digest(state: dict[str, Tensor]) -> str:
+    """sha256 hex over the tensors in name order: each one's name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """safetensors writes header metadata in hash order (random per process): rewrite it sorted, in place and at the
+    same length, so that exports stay byte-deterministic."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert len(text) <= length, "re-serialising the same header cannot make it longer"
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))  # safetensors pads its header with spaces too
+
+
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Our model's weights under `transformers` names, sorted by name, contiguous, on the CPU."""
     state = {to_hf_key(key): tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
@@ -209,7 +239,8 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", DIGEST_KEY: tensors_digest(state)})
+        _sort_header_metadata(tmp / WEIGHTS_NAME)
         _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
         tokenizer.save(tmp)
     except BaseException:  # never leave a half-written folder behind (disk full, Ctrl-C)
@@ -264,9 +295,16 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise BertforgeError(f"cannot read {path} ({exc}); the file is damaged or incomplete") from None
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensors_digest(state) != expected:
+        raise BertforgeError(f"{path} fails its checksum: its weights changed after bertforge wrote them (a damaged "
+                             "file); export or copy the model again")
+    return state
 
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
@@ -292,6 +330,9 @@ def read_weights(model_dir: Path) -> dict[str, Tensor]:
             raise BertforgeError(f"{model_dir / SHARDED_INDEX_NAME} has no weight_map")
         state: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise BertforgeError(f"{model_dir / SHARDED_INDEX_NAME} names {shard!r} as a shard; shards must be "
+                                     "plain file names inside the model folder")
             state.update(_load_safetensors(model_dir / shard))
         missing = sorted(set(weight_map) - set(state))
         if missing:

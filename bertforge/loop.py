@@ -126,19 +126,29 @@ class LoopResult:
 class _StopSignals:
     """SIGINT/SIGTERM set a flag so the current step finishes and one checkpoint is written.
 
-    A second signal restores the default behaviour (KeyboardInterrupt / termination) at once.
+    A later signal restores the default behaviour (KeyboardInterrupt / termination) at once. Not counted as
+    "later": a SIGTERM after a SIGINT, or any signal within `FANOUT_SECONDS` of the first. Launchers fan one
+    request out: on Ctrl-C torchrun forwards SIGTERM to workers that already got the terminal's SIGINT, and
+    SLURM may signal both torchrun and its workers; the checkpoint must still be written (torchrun waits
+    30 s before its SIGKILL).
     """
+
+    FANOUT_SECONDS = 2.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
+            fanned_out = time.monotonic() - self._received_at < self.FANOUT_SECONDS
+            if fanned_out or (self.received == signal.SIGINT and signum == signal.SIGTERM):
+                return
             self.restore()
             signal.raise_signal(signum)
             return
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         if distributed.is_main():
             print(f"\nbertforge: {signal.Signals(signum).name} received: finishing this step and saving a "
                   "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
@@ -212,17 +222,20 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
     step = 0
 
     def save(at_step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
-        meta = {**loader.state_dict(), "world_size": distributed.world_size(),
-                "global_batch": loader.instances_per_step, **meta_extra}
-        path = checkpoint.checkpoint_dir(run_dir, at_step)
-        if distributed.is_main():
+        if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer: every rank sends its shard
+            optimizer.consolidate_state_dict(to=0)
+
+        def write() -> Path:  # rank 0 only; a failure (disk full) stops every rank with its message
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
+            meta = {**loader.state_dict(), "world_size": distributed.world_size(),
+                    "global_batch": loader.instances_per_step, **meta_extra}
             path = checkpoint.save_checkpoint(run_dir, at_step, model=raw_model, state=state, meta=meta)
             if config.keep_last:
                 checkpoint.prune_checkpoints(run_dir, config.keep_last)
-        distributed.barrier()
-        return path
+            return path
+
+        return distributed.main_first(write)
 
     def restore(path: Path, *, data_position: bool) -> int:
         state, meta = checkpoint.load_checkpoint(path, raw_model, device=device)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ from bertforge.tokenizer import load_tokenizer
 RUN_KIND = "bertforge-pretrain"
 CONFIG_FILE = "config.json"
 # Settings that define a run: `--resume` refuses to change them (the others may change between sessions).
-RUN_DEFINING = ("model", "init", "batch_size", "grad_accum", "lr", "warmup_steps", "max_steps", "epochs",
+# The per-process batch and accumulation may change, e.g. to keep the global batch when resuming at another world
+# size (the data position is global, so no instance is repeated or skipped).
+RUN_DEFINING = ("model", "init", "lr", "warmup_steps", "max_steps", "epochs",
                 "weight_decay", "seed", "dynamic_masking", "optimizer", "dropout")
 
 
@@ -44,7 +47,7 @@ RUN_DEFINING = ("model", "init", "batch_size", "grad_accum", "lr", "warmup_steps
 class PretrainConfig:
     """Everything `bertforge pretrain` needs; the CLI flags are these fields."""
 
-    data: Path
+    data: Path | tuple[Path, ...]      # one DATA folder, or several read as one (e.g. `prepare --shard-index` pieces)
     out: Path
     model: str = "mini"                 # tiny|mini|small|medium|base|large or a CONFIG.json (architecture only)
     init: Path | None = None            # start from these weights and their architecture
@@ -71,18 +74,25 @@ class PretrainConfig:
     max_minutes: float | None = None    # time budget: stop (evaluate, save, export) when spent
     on_nan: str = "stop"
     eval_batches: int | None = None     # cap on validation batches per evaluation (default: all)
+    dist_timeout: float = 600.0         # seconds a collective waits for the other ranks before the job fails
+    zero1: bool = False                 # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, (list, tuple)):
+            if not self.data:
+                raise BertforgeError("--data needs at least one DATA folder")
+            paths = tuple(Path(path).absolute() for path in self.data)
+            object.__setattr__(self, "data", paths[0] if len(paths) == 1 else paths)
         for name in ("data", "out", "init"):  # absolute, so the saved config stays valid from any directory
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, Path(value).absolute())
         for name in ("batch_size", "grad_accum", "log_every", "max_steps", "eval_every", "save_every", "keep_last",
                      "eval_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("lr", "epochs", "max_minutes"):
+        for name in ("lr", "epochs", "max_minutes", "dist_timeout"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise BertforgeError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -101,8 +111,15 @@ class PretrainConfig:
         if self.resume and self.overwrite:
             raise BertforgeError("--resume and --overwrite contradict each other; pass one")
 
+    @property
+    def data_dirs(self) -> tuple[Path, ...]:
+        return self.data if isinstance(self.data, tuple) else (self.data,)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        def plain(value: Any) -> Any:
+            return [str(v) for v in value] if isinstance(value, tuple) else str(value) if isinstance(value, Path) \
+                else value
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides: Any) -> "PretrainConfig":
@@ -225,6 +242,25 @@ def data_fingerprint(data: PretrainData) -> str:
                hashlib.sha256((data.path / "manifest.json").read_bytes()).hexdigest())
 
 
+class ConcatenatedData(torch.utils.data.ConcatDataset):
+    """Several DATA folders' instances as one dataset, in --data order (`set_epoch` reaches each part)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+
+def open_data(dirs: tuple[Path, ...]) -> list[PretrainData]:
+    """The DATA folders of a run; several must share one vocabulary. Rank 0 alone checks every sha256."""
+    verify = True if distributed.is_main() else "size"  # reading the data N times would not add to the check
+    datas = [PretrainData(path, verify=verify) for path in dirs]
+    for other in datas[1:]:
+        if other.vocab_hash != datas[0].vocab_hash:
+            raise BertforgeError(f"--data {other.path} uses a different vocabulary from {datas[0].path}; prepare "
+                                 "every DATA folder with the same tokenizer")
+    return datas
+
+
 def _out_needs_clearing(config: PretrainConfig) -> bool:
     """Refuses an --out that holds something else; True when --overwrite must delete the run there."""
     out = config.out
@@ -245,7 +281,8 @@ def _out_needs_clearing(config: PretrainConfig) -> bool:
 
 def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: str) -> None:
     if saved.get("data_fingerprint") != fingerprint:
-        raise BertforgeError(f"--data {config.data} is not the data run {config.out} was trained on; resume with "
+        raise BertforgeError(f"--data {' '.join(map(str, config.data_dirs))} is not the data run {config.out} was "
+                             "trained on; resume with "
                              "the same DATA (a new phase on new data starts with --init RUN)")
     before, now = saved["pretrain"], config.to_dict()
     for name in RUN_DEFINING:
@@ -345,48 +382,102 @@ def check_memory(model: nn.Module, model_config: ModelConfig, *, batch_size: int
 # ---------------------------------------------------------------------------------------------- entry points
 
 def pretrain(config: PretrainConfig) -> RunResult:
-    """Runs (or resumes) a pre-training run; see `bertforge pretrain --help`."""
+    """Runs (or resumes) a pre-training run; see `bertforge pretrain --help`.
+
+    Under torchrun every process calls this: it joins the process group, trains a DistributedDataParallel
+    copy on its slice of each global batch and leaves the group at the end; only rank 0 writes.
+    """
     device = distributed.resolve_device(config.device)
     autocast_context(device, config.precision)  # refuses fp16 off CUDA before any work
-    data = PretrainData(config.data)
-    fingerprint = data_fingerprint(data)
+    with distributed.process_group(device, config.dist_timeout):
+        return _pretrain(config, device)
+
+
+def _prepare_out(config: PretrainConfig, fingerprint: str) -> tuple[str | None, bool, dict[str, Any] | None]:
+    """Rank 0's checks of --out: (checkpoint to resume from, whether --overwrite must clear it, saved config)."""
+    saved = None
     resume_from = None
     if config.resume:
-        _check_resume(config, read_run_config(config.out), fingerprint)
-        resume_from = checkpoint.latest_complete_checkpoint(config.out)
-    clear_out = _out_needs_clearing(config)
-    train_store, validation_store = data.split("train"), data.split("validation")
+        saved = read_run_config(config.out)
+        _check_resume(config, saved, fingerprint)
+        latest = checkpoint.latest_complete_checkpoint(config.out)
+        resume_from = str(latest) if latest is not None else None
+    return resume_from, _out_needs_clearing(config), saved
+
+
+def _announce_batch(config: PretrainConfig, global_batch: int, resume_meta: dict[str, Any] | None) -> None:
+    """Rank 0 prints the effective batch and, on a resume at another world size, how the global batch changed."""
+    world = distributed.world_size()
+    print(f"bertforge: effective batch {global_batch} instances per step = batch-size {config.batch_size} x "
+          f"{world} process{'es' if world > 1 else ''} x grad-accum {config.grad_accum}", file=sys.stderr, flush=True)
+    if resume_meta is None:
+        return
+    before = int(resume_meta.get("global_batch", global_batch))
+    if before != global_batch or int(resume_meta.get("world_size", world)) != world:
+        print(f"bertforge: resuming step {resume_meta['step']} at world size {world} (was "
+              f"{resume_meta.get('world_size', 1)}): the global batch changes from {before} to {global_batch} "
+              f"instances per step; training continues from instance {resume_meta['instances']} of the data "
+              "stream (none repeated or skipped); the step count and learning-rate schedule are unchanged",
+              file=sys.stderr, flush=True)
+
+
+def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
+    datas = open_data(config.data_dirs)
+    data = datas[0]  # vocabulary, tokenizer and special ids: the same in every part
+    fingerprints = [data_fingerprint(part) for part in datas]
+    fingerprint = fingerprints[0] if len(datas) == 1 else hashlib.sha256(" ".join(fingerprints).encode()).hexdigest()
+    resume_path, clear_out, saved = distributed.main_first(lambda: _prepare_out(config, fingerprint))
+    resume_from = Path(resume_path) if resume_path is not None else None
     model, model_config = _build_model(config, data)
-    check_memory(model, model_config, batch_size=config.batch_size, seq_len=data.max_seq_len,
-                 predictions=data.max_predictions, precision=config.precision, device=device)
+    for part in datas[1:]:
+        _check_fits_data(model_config, part, f"--model {config.model}")
+    check_memory(model, model_config, batch_size=config.batch_size, seq_len=max(d.max_seq_len for d in datas),
+                 predictions=max(d.max_predictions for d in datas), precision=config.precision, device=device)
     model.to(device)
-    dataset = PretrainDataset(train_store, dynamic_masking=config.dynamic_masking, seed=config.seed)
+    if distributed.world_size() > 1:  # each rank its own dropout stream (the weights came from `seed` alone)
+        torch.manual_seed(config.seed * 1_000_003 + distributed.rank())
+    parts = [PretrainDataset(d.split("train"), dynamic_masking=config.dynamic_masking, seed=config.seed)
+             for d in datas]
+    dataset = parts[0] if len(parts) == 1 else ConcatenatedData(parts)
+    validation_store = data.split("validation") if len(datas) == 1 else \
+        torch.utils.data.ConcatDataset([d.split("validation") for d in datas])
     pad_id = data.special_ids.pad
     loader = StepLoader(dataset, lambda items: collate_pretrain(items, pad_id), batch_size=config.batch_size,
                         grad_accum=config.grad_accum, seed=config.seed)
-    steps = total_steps(config, len(train_store), loader.instances_per_step)
-    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(steps)
+    if saved is not None:  # a resumed run keeps its step count and schedule whatever the world size now
+        steps, warmup = int(saved["total_steps"]), int(saved["warmup_steps"])
+    else:
+        steps = total_steps(config, len(dataset), loader.instances_per_step)
+        warmup = min(config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(steps), steps)
     optimizer = build_optimizer(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = linear_schedule(optimizer, warmup_steps=min(warmup, steps), total_steps=steps)
+    if config.zero1:  # the same updates; checkpoints hold the consolidated state (loadable at any world size)
+        optimizer = distributed.shard_optimizer(optimizer)
+    scheduler = linear_schedule(optimizer, warmup_steps=warmup, total_steps=steps)
     run_config = {"kind": RUN_KIND, "pretrain": config.to_dict(), "model": model_config.to_dict(),
-                  "data_fingerprint": fingerprint, "total_steps": steps, "warmup_steps": min(warmup, steps),
-                  "global_batch": loader.instances_per_step}
-    if distributed.is_main():  # every check has passed: only now may --overwrite delete the old run
+                  "data_fingerprint": fingerprint, "total_steps": steps, "warmup_steps": warmup,
+                  "global_batch": loader.instances_per_step, "world_size": distributed.world_size()}
+
+    def create_out() -> None:  # every check has passed: only now may --overwrite delete the old run
         if clear_out:
             shutil.rmtree(config.out)
         config.out.mkdir(parents=True, exist_ok=True)
         if not config.resume:
             _write_json_atomic(config.out / CONFIG_FILE, run_config)
-    distributed.barrier()
-    start_step = json.loads((resume_from / checkpoint.META_FILE).read_text())["step"] if resume_from else 0
+
+    distributed.main_first(create_out)
+    resume_meta = json.loads((resume_from / checkpoint.META_FILE).read_text()) if resume_from else None
+    if distributed.is_main():
+        _announce_batch(config, loader.instances_per_step, resume_meta)
+    start_step = resume_meta["step"] if resume_meta else 0
     monitor = Monitor(config.out, total_steps=steps, start_step=start_step, enabled=distributed.is_main())
     loop_config = LoopConfig(max_steps=steps, precision=config.precision, compile=config.compile,
                              log_every=config.log_every, eval_every=config.eval_every,
                              save_every=config.save_every, keep_last=config.keep_last, max_minutes=config.max_minutes,
                              on_nan=config.on_nan)
     try:
-        result = train(model, optimizer=optimizer, scheduler=scheduler, loader=loader, count_fn=count_targets,
-                       loss_fn=pretraining_loss, metrics_fn=pretraining_metrics,
+        result = train(distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler,
+                       loader=loader, count_fn=count_targets, loss_fn=pretraining_loss,
+                       metrics_fn=pretraining_metrics,
                        evaluate_fn=lambda m: evaluate_model(m, validation_store, batch_size=config.batch_size,
                                                             device=device, pad_id=pad_id,
                                                             max_batches=config.eval_batches),

@@ -19,7 +19,7 @@ from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification, fill_mask, next_sentence_probability)
-from bertforge.hf import export_hf, load_for_task, load_model, resolve_model_dir
+from bertforge.hf import DIGEST_KEY, export_hf, load_for_task, load_model, resolve_model_dir
 from bertforge.tokenizer import Tokenizer
 
 WORDS = ["the", "man", "went", "to", "store", "a", "he", "bought", "gallon", "of", "milk", "penguins", "are",
@@ -235,7 +235,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tokenizer):
     assert config["model_type"] == "bert" and config["architectures"] == ["BertForPreTraining"]
     assert config["position_embedding_type"] == "absolute" and config["hidden_act"] == "gelu_new"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+            assert handle.metadata()["format"] == "pt" and set(handle.metadata()) == {"format", DIGEST_KEY}
     inputs = make_inputs()
     with torch.no_grad():
         expected = ours(**inputs)

@@ -12,6 +12,7 @@ import pytest
 from bertforge.cli import main
 from bertforge.data.dataset import PretrainData
 from bertforge.data.prepare import prepare, tokenize_corpus
+from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.tokenizer import load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -252,3 +253,44 @@ def test_output_folder_rules(tmp_path, capsys):
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     assert run_cli(capsys, *base, "--out", str(empty_dir))[0] == 0
+
+
+# --- spilled instances and the bounded-memory shuffles ------------------------------------------------------------------
+
+def numbered_batch(start: int, count: int) -> InstanceBatch:
+    """Instances whose ids encode their number i: [2, i, 3, i, 3] with one mask at position 1."""
+    ids = np.array([[2, i, 3, i, 3] for i in range(start, start + count)], dtype=np.int32).ravel()
+    counts = np.arange(count + 1, dtype=np.int64)
+    return InstanceBatch(ids, counts * 5, np.full(count, 3, np.int32), np.zeros(count, bool), counts,
+                         np.ones(count, np.int32), np.arange(start, start + count, dtype=np.int32),
+                         np.full(count, 4, np.int32), np.zeros(count, bool), np.zeros(count, bool))
+
+
+def numbers(batches) -> np.ndarray:
+    return np.concatenate([batch.ids[1::5] for batch in batches])
+
+
+def test_permute_external_applies_the_permutation_through_buckets(tmp_path):
+    run = RunFile(tmp_path / "run", np.dtype(np.int32))
+    for start in range(0, 1000, 300):
+        run.append(numbered_batch(start, min(300, 1000 - start)))
+    permutation = np.random.default_rng(0).permutation(1000)
+    out = list(permute_external(run, permutation, tmp_path / "bucket", chunk=64, max_buckets=7, out_chunk=50))
+    assert np.array_equal(numbers(out), permutation)
+    assert all(np.array_equal(b.masked_ids, b.ids[1::5]) for b in out)   # masks travel with their instance
+    assert not list(tmp_path.glob("bucket*"))
+
+
+def test_random_merge_is_a_full_shuffle(tmp_path):
+    runs = []
+    for r in range(4):   # runs of different sizes, each internally in order
+        run = RunFile(tmp_path / f"r{r}", np.dtype(np.int32))
+        run.append(numbered_batch(r * 1000, 250 * (r + 1)))
+        runs.append(run)
+    merged = numbers(random_merge(runs, np.random.default_rng(1), chunk=100))
+    assert sorted(merged.tolist()) == sorted(numbers(run.read(0, run.count) for run in runs).tolist())
+    total = len(merged)
+    for r in range(4):   # every run is spread over the whole output, in proportion
+        where = np.flatnonzero(merged // 1000 == r)
+        assert abs(where.mean() / total - 0.5) < 0.05
+        assert np.all(np.diff(merged[where]) > 0)   # a run's own order is kept (it was shuffled before writing)

@@ -7,13 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from bertforge.data.dataset import InstanceStore, PretrainData
-from bertforge.data.stats import data_stats, format_stats
 from bertforge.errors import BertforgeError
+
+if TYPE_CHECKING:  # the data modules import torch: load them only when the command runs
+    from bertforge.data.dataset import InstanceStore
 
 
 def _count(text: str) -> int:
@@ -69,6 +70,9 @@ def format_record(index: int, record: dict[str, Any]) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from bertforge.data.dataset import PretrainData
+    from bertforge.data.stats import data_stats, format_stats
+
     data = PretrainData(args.data, verify=True if args.verify else "size")
     try:
         if args.stats:

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Pre-train BERT with masked-LM + next-sentence prediction on DATA (from `bertforge prepare`). "
                     "Writes RUN/config.json, RUN/checkpoints/, RUN/metrics.jsonl, RUN/curves.png and RUN/model/.",
         argument_default=argparse.SUPPRESS)
-    parser.add_argument("--data", required=True, type=Path, help="DATA folder written by `bertforge prepare`")
+    parser.add_argument("--data", required=True, type=Path, nargs="+",
+                        help="DATA folder written by `bertforge prepare` (several: read as one, e.g. the pieces of "
+                             "`prepare --num-shards`; they must share the vocabulary)")
     parser.add_argument("--out", required=True, type=Path, help="RUN folder to create (or to --resume)")
 
     def option(group: argparse._ArgumentGroup, flag: str, help_text: str, **kwargs: object) -> None:
@@ -41,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(model, "--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
     option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
     optim = parser.add_argument_group("optimisation")
-    option(optim, "--batch-size", "instances per micro-batch (per process)", type=int)
+    option(optim, "--batch-size", "instances per micro-batch, per process (under torchrun the global batch is "
+           "batch-size x processes x grad-accum)", type=int)
     option(optim, "--grad-accum", "micro-batches per optimizer step", type=int)
     option(optim, "--lr", "peak learning rate", type=float)
     option(optim, "--warmup-steps", "linear warm-up steps (default: 10%% of the steps, at most 10,000)", type=int)
@@ -52,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(optim, "--precision", "fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA, with a grad scaler)",
            choices=("fp32", "bf16", "fp16"))
     option(optim, "--compile", "torch.compile the model", action="store_true")
+    option(optim, "--zero1", "under torchrun: shard the optimizer state over the processes (PyTorch's "
+           "ZeroRedundancyOptimizer; saves memory on large models, the same updates)", action="store_true")
     option(optim, "--device", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     option(optim, "--seed", "seed of initialisation, data order, dropout and dynamic masks", type=int)
     run = parser.add_argument_group("run")
@@ -63,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(run, "--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
     option(run, "--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
            choices=("stop", "rollback"))
+    option(run, "--dist-timeout", "under torchrun: seconds a collective operation waits for the other processes "
+           "before the job fails (a dead or stuck rank)", type=float)
     option(run, "--resume", "continue RUN from its newest complete checkpoint with its saved settings",
            action="store_true")
     option(run, "--overwrite", "delete the run already in RUN and start over", action="store_true")
@@ -83,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from bertforge import distributed
     from bertforge.pretrain import PretrainConfig, pretrain
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
@@ -91,8 +99,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     else:
         config = PretrainConfig(**given)
     result = pretrain(config)
+    if not distributed.launched_as_main():  # under torchrun rank 0 speaks for the job
+        return 0
     if result.interrupted:
-        command = f"bertforge pretrain --data {shlex.quote(str(config.data))} --out {shlex.quote(str(config.out))} --resume"
+        data = " ".join(shlex.quote(str(path)) for path in config.data_dirs)
+        command = f"bertforge pretrain --data {data} --out {shlex.quote(str(config.out))} --resume"
         print(f"bertforge: stopped at step {result.step}; checkpoint {result.checkpoint}\nresume with: {command}",
               file=sys.stderr)
         return 0

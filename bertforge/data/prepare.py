@@ -37,7 +37,7 @@ from bertforge.corpus import default_corpus_files
 from bertforge.data.corpus import CorpusStats, expand_inputs, iter_documents
 from bertforge.data.instances import (InstanceOptions, SpecialTokens, TokenCorpus,
                                       continuation_flags, final_permutation, generate_exact, generate_fast)
-from bertforge.data.shards import Instance, ShardWriter, check_out_dir, finalize_data_dir, token_dtype
+from bertforge.data.shards import ShardWriter, check_out_dir, finalize_data_dir, token_dtype
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
 from bertforge.tokenizer import Tokenizer, load_tokenizer
@@ -340,25 +340,12 @@ def _quiet_tokenizers_fork() -> Iterator[None]:
 
 # --- writing -------------------------------------------------------------------------------------------------------
 
-def _write(batches: Iterator[InstanceBatch], writer: ShardWriter, *, chunk: int = 2048) -> dict[str, int]:
-    """Feed batches to the ShardWriter instance by instance; returns the split's instance counts.
-
-    Converted to Python lists `chunk` instances at a time: a list holds ~36 bytes per token id, so whole
-    batches would cost hundreds of MB."""
+def _write(batches: Iterator[InstanceBatch], writer: ShardWriter) -> dict[str, int]:
+    """Feed batches to the ShardWriter as flat arrays; returns the split's instance counts."""
     counts = dict.fromkeys(("instances", "is_random_next", "truncated_instances", "short_target_instances",
                             "masks"), 0)
     for batch in batches:
-        for start in range(0, len(batch), chunk):
-            part = batch.take(np.arange(start, min(start + chunk, len(batch))))
-            ids, offsets = part.ids.tolist(), part.offsets.tolist()
-            mask_offsets = part.mask_offsets.tolist()
-            rows = [ids[a:b] for a, b in zip(offsets, offsets[1:])]
-            positions, masked, replaced = ([values[a:b] for a, b in zip(mask_offsets, mask_offsets[1:])]
-                                           for values in (part.masked_positions.tolist(), part.masked_ids.tolist(),
-                                                          part.replacement_ids.tolist()))
-            # a C-level loop: map() builds the Instances, deque(maxlen=0) drains writer.add over them
-            deque(map(writer.add, map(Instance, rows, part.a_len.tolist(), part.is_random_next.tolist(), positions,
-                                      masked, replaced)), maxlen=0)
+        writer.add_batch(batch)
         counts["instances"] += len(batch)
         counts["is_random_next"] += int(batch.is_random_next.sum())
         counts["truncated_instances"] += int(batch.truncated.sum())

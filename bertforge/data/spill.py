@@ -13,7 +13,8 @@ append-only run files (`RunFile`), and two bounded-memory shuffles read them bac
 - `permute_external` (exact mode): the reference's own final permutation, applied in two sequential passes:
   instances are scattered into buckets of consecutive output positions, then each bucket is ordered in memory.
 
-Both hold O(chunk) instances in memory plus 8 bytes per instance for the permutation in exact mode. Reads use
+`random_merge` holds one chunk of instances in memory. `permute_external` holds one bucket (65,536 instances,
+or 1/64 of the run beyond 4M instances) plus 16 bytes per instance (the permutation and its inverse). Reads use
 plain file reads, not memory maps, so the resident set does not grow with the size of the run files.
 """
 

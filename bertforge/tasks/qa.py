@@ -187,12 +187,12 @@ class QATask:
         candidates = []
         for feature, logits in zip(features, outputs):
             start_logits, end_logits = logits[:, 0], logits[:, 1]
-            n = self.options.n_best
-            for s in np.argsort(-start_logits)[:n]:
-                if int(s) not in feature.extra["max_context"]:
+            starts = np.argsort(-start_logits)[:self.options.n_best].tolist()
+            ends = np.argsort(-end_logits)[:self.options.n_best].tolist()
+            for s in starts:
+                if s not in feature.extra["max_context"]:
                     continue
-                for e in np.argsort(-end_logits)[:n]:
-                    s, e = int(s), int(e)
+                for e in ends:
                     if e not in feature.extra["offsets"] or e < s or e - s + 1 > self.options.max_answer_len:
                         continue
                     char_start, char_end = feature.extra["offsets"][s][0], feature.extra["offsets"][e][1]
