@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.torch
+from safetensors import SafetensorError
 import torch
 from torch import nn
 
@@ -45,6 +46,7 @@ CHECKPOINT_FORMAT = 1
 # Test-only: seconds to sleep between writing the weights and meta.json, so that the fault tests
 # (tests/faults/) can SIGKILL a run inside the write window reliably. Unset in normal use.
 SAVE_DELAY_ENV = "BERTFORGE_TEST_SAVE_DELAY"
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -106,11 +108,25 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, state: 
     tmp = final.parent / f".tmp-{final.name}"
     try:
         _write_checkpoint(tmp, final, step, model=model, state=state, meta=meta)
-    except OSError as exc:  # disk full, read-only or vanished folder: the previous checkpoints are untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BertforgeError(f"cannot write checkpoint {final} ({exc.strerror or exc}); free space or fix the "
-                             "folder, then resume from the previous checkpoint with --resume") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, read-only or vanished folder
+        reason = write_failure_reason(exc, final.parent)  # measured before the partial folder frees its space
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
+        raise BertforgeError(f"cannot write checkpoint {final} ({reason}); free space or fix the folder, then "
+                             "resume from the previous checkpoint with --resume") from None
     return final
+
+
+def write_failure_reason(exc: BaseException, folder: Path) -> str:
+    """A short reason for a failed write. torch.save reports a full disk as a RuntimeError ("unexpected pos")
+    and safetensors as a SafetensorError, so the free space is checked to name the real cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        full = shutil.disk_usage(folder).free < _FULL_DISK_BYTES
+    except OSError:
+        full = False
+    return "No space left on device" if full or "No space left" in text else text
 
 
 def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, state: dict[str, Any],

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bertforge.errors import BertforgeError
 
 T = TypeVar("T")
+DEFAULT_TIMEOUT_SECONDS = 600.0  # how long a collective waits for the other ranks (`pretrain --dist-timeout`)
 
 
 def _active() -> bool:

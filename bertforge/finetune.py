@@ -205,7 +205,7 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
         dataset = train_features
         loader = loop.StepLoader(dataset, partial(collate_features, pad_id=tokenizer.pad_id),
                                  batch_size=config.batch_size, seed=seed)
-    steps_per_epoch = math.ceil(len(dataset) / loader.batch_size)
+    steps_per_epoch = math.ceil(len(dataset) / loader.instances_per_step)  # over all processes under torchrun
     total_steps = steps_per_epoch * config.epochs
     optimizer = optim.build_optimizer(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
@@ -229,10 +229,11 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
         return loss, {"tokens": batch["attention_mask"].sum().float()}
 
-    monitor = Monitor(run_dir, total_steps=total_steps, desc=f"finetune {config.task} (seed {seed})")
+    monitor = Monitor(run_dir, total_steps=total_steps, desc=f"finetune {config.task} (seed {seed})",
+                      enabled=distributed.is_main())
     try:
         result = loop.train(
-            model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+            distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler, loader=loader,
             count_fn=lambda batch: {"units": task.loss_units(batch)}, loss_fn=loss_fn,
             metrics_fn=lambda stats, steps: {}, evaluate_fn=evaluate_fn, monitor=monitor, run_dir=run_dir,
             config=loop.LoopConfig(max_steps=total_steps, precision=config.precision,
@@ -244,7 +245,8 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
     if "state" not in best:
         raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) before the first evaluation; "
                              "nothing to export")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the last step, not the best: not worth its disk
+    if distributed.is_main():  # the last step, not the best: not worth its disk
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     model.load_state_dict(best["state"])
     return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best, "history": history,
             "stop_reason": result.stop_reason}
@@ -253,8 +255,14 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune `config.model` on `config.train`, pick the best epoch on `config.dev`, write DIR (module doc).
 
-    Returns the contents of DIR/metrics.json.
+    Returns the contents of DIR/metrics.json. Under torchrun each process trains a DDP copy on its slice of
+    every batch (`batch_size` per process) and rank 0 alone writes DIR (the other ranks return {}).
     """
+    with distributed.process_group(distributed.resolve_device(config.device), distributed.DEFAULT_TIMEOUT_SECONDS):
+        return _finetune(config)
+
+
+def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     task = TASKS[config.task](config.task_options())
     out = Path(config.out)
     train_path, dev_path = Path(config.train), Path(config.dev)
@@ -270,8 +278,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     device = distributed.resolve_device(config.device)
     # Checks the folder (vocabulary, position table) before any output is written.
     _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
-    _prepare_out(out, config.overwrite)
-    for note in notes:
+    distributed.main_first(lambda: _prepare_out(out, config.overwrite))
+    for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")
     train_features = task.featurize(train_examples, tokenizer, max_seq_len, train=True)
     dev_features = task.featurize(dev_examples, tokenizer, max_seq_len, train=False)
@@ -294,6 +302,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             run.pop("model")
         if run["stop_reason"] == "signal":  # stopped by the user: export what exists, run no more seeds
             break
+    if not distributed.is_main():
+        return {}
     seeds = [r["seed"] for r in runs]
     main = MAIN_METRIC["regression" if config.regression else config.task]
     labels = task.label_names or (["score"] if config.regression else None)

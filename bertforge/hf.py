@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint
+from bertforge.checkpoint import (CHECKPOINTS_DIR, latest_complete_checkpoint, verify_checkpoint,
+                                  write_failure_reason)
 from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
@@ -243,7 +244,12 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
         _sort_header_metadata(tmp / WEIGHTS_NAME)
         _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
         tokenizer.save(tmp)
-    except BaseException:  # never leave a half-written folder behind (disk full, Ctrl-C)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full or unwritable: never a half-written folder
+        reason = write_failure_reason(exc, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BertforgeError(f"cannot write model folder {out_dir} ({reason}); free space or fix the folder and "
+                             "export again") from None
+    except BaseException:  # Ctrl-C: never leave a half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, out_dir)
@@ -280,7 +286,10 @@ def resolve_model_dir(path: str | Path) -> Path:
                              "Hugging Face BERT folder")
     if (path / "model" / CONFIG_NAME).is_file():
         return path / "model"
-    if _is_checkpoint(path) or (path / CONFIG_NAME).is_file() and (
+    if _is_checkpoint(path):
+        verify_checkpoint(path)  # our own checkpoint: sizes and sha256s, so a damaged one is never loaded
+        return path
+    if (path / CONFIG_NAME).is_file() and (
             (path / WEIGHTS_NAME).is_file() or (path / SHARDED_INDEX_NAME).is_file() or (path / PICKLE_NAME).is_file()):
         return path
     if (path / CHECKPOINTS_DIR).is_dir():

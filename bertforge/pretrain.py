@@ -74,7 +74,7 @@ class PretrainConfig:
     max_minutes: float | None = None    # time budget: stop (evaluate, save, export) when spent
     on_nan: str = "stop"
     eval_batches: int | None = None     # cap on validation batches per evaluation (default: all)
-    dist_timeout: float = 600.0         # seconds a collective waits for the other ranks before the job fails
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_SECONDS  # seconds a collective waits for the other ranks
     zero1: bool = False                 # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
 
     def __post_init__(self) -> None:

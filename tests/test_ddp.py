@@ -179,6 +179,35 @@ def test_a_smaller_global_batch_continues_from_the_global_data_position(two_proc
     assert meta(run)["instances"] == 6 * 8 + 6 * 4 and meta(run)["global_batch"] == 4
 
 
+def test_finetuning_on_two_processes_matches_one_process(one_process, tmp_path):
+    from bertforge.finetune import FinetuneConfig, finetune
+
+    rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{i + 2}\t{i % 2}" for i in range(1, 33)]
+    (tmp_path / "train.tsv").write_text("\n".join(rows[:25]) + "\n", encoding="utf-8")  # 24 examples
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:1] + rows[25:]) + "\n", encoding="utf-8")
+    common = dict(task="classify", model=str(one_process / "model"), train=str(tmp_path / "train.tsv"),
+                  dev=str(tmp_path / "dev.tsv"), epochs=2, lr=1e-3, max_seq_len=16)
+    single = finetune(FinetuneConfig(out=str(tmp_path / "one"), batch_size=8, **common))
+    done = torchrun("finetune", "classify", "--model", common["model"], "--train", common["train"],
+                    "--dev", common["dev"], "--out", str(tmp_path / "two"), "--epochs", "2", "--lr", "1e-3",
+                    "--max-seq-len", "16", "--batch-size", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("model: ") == 1  # rank 0 reports alone
+    losses = {}
+    for name in ("one", "two"):
+        run_dir = tmp_path / name / "runs" / "seed_42"
+        losses[name] = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    assert sorted(losses["two"]) == [1, 2, 3, 4, 5, 6]  # 3 global batches of 8 per epoch, as on one process
+    assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
+    import json
+    double = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert double["accuracy"] == pytest.approx(single["accuracy"])
+    ours, theirs = load_file(tmp_path / "two" / "model" / "model.safetensors"), \
+        load_file(tmp_path / "one" / "model" / "model.safetensors")
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=1e-4)
+
+
 def test_several_data_folders_are_read_as_one(data, tmp_path, capsys):
     from bertforge.cli import main
 

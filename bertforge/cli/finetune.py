@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bertforge import distributed
 from bertforge.errors import BertforgeError
 from bertforge.tasks import TASKS
 
@@ -84,6 +85,8 @@ def _finetune(args: argparse.Namespace) -> int:
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
         n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
     summary = finetune(config)
+    if not distributed.launched_as_main():  # under torchrun rank 0 reports for the job
+        return 0
     shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(json.dumps(shown, indent=1))
     print(f"model: {args.out}/model  metrics: {args.out}/metrics.json  curves: {args.out}/curves.png")

@@ -61,7 +61,11 @@ def verify_files(path: str | Path, manifest: dict, *, checksums: bool) -> None:
     root = Path(path)
     listed = [meta for shard in manifest["shards"] for meta in shard["files"].values()] + list(manifest["files"])
     for meta in listed:
-        file = root / meta["name"]
+        name = Path(str(meta["name"]))
+        if name.is_absolute() or ".." in name.parts:  # a DATA folder only ever names files inside itself
+            raise BertforgeError(f"{root / MANIFEST} names {meta['name']!r}, a file outside the DATA folder; "
+                                 f"{_REDO}")
+        file = root / name
         try:
             size = file.stat().st_size
         except OSError:
