@@ -21,6 +21,7 @@ head at masked positions only) against this machine's measured matmul peak.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -289,7 +290,8 @@ def bench_model(name: str, args: argparse.Namespace, data_dir: Path, device: tor
 def report(rows: list[dict], peaks: dict[str, float]) -> None:
     print()
     print(f"matmul peak (measured, {torch.get_num_threads()} threads): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
+          f"bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s; load average now {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (other work on the machine lowers every figure)")
     header = (f"{'model':6} {'batch':>5} {'impl':15} {'tokens/s (median)':>17} {'runs':>22} {'vs hf':>6} "
               f"{'target':>6} {'peak mem':>9} {'GFLOP/s':>8} {'of peak':>7} {'peer hf':>7}")
     print(header)

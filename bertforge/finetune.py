@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -180,10 +182,14 @@ def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path],
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a finished run (metrics.json is written last) unless --overwrite; clear an interrupted run's leftovers."""
     present = [name for name in OUTPUTS if (out / name).exists()]
-    if present and not overwrite:
+    if (out / "metrics.json").exists() and not overwrite:
         raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass --overwrite "
                              "or choose another --out")
+    if present and not (out / "metrics.json").exists():
+        print(f"bertforge: {out} holds what an interrupted run left ({', '.join(present)}); starting again",
+              file=sys.stderr)
     for name in present:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -331,9 +337,12 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     summary["history"] = [{"seed": r["seed"], "epoch": h["epoch"], "step": h["step"], **_numeric(h["metrics"])}
                           for r in runs for h in r["history"]]
     summary["config"] = config.to_dict()
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
           out / "curves.png")
+    # metrics.json is written last and atomically: its presence marks a finished run
+    partial = out / "metrics.json.tmp"
+    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, out / "metrics.json")
     return summary
 
 

@@ -3,14 +3,17 @@ sizes, per-rank data slices, and failures that end the job instead of hanging it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -54,7 +57,6 @@ def weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
 
 
 def meta(run: Path, step: int = STEPS) -> dict:
-    import json
     return json.loads((checkpoint_dir(run, step) / "meta.json").read_text())
 
 
@@ -199,7 +201,6 @@ def test_finetuning_on_two_processes_matches_one_process(one_process, tmp_path):
         losses[name] = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
     assert sorted(losses["two"]) == [1, 2, 3, 4, 5, 6]  # 3 global batches of 8 per epoch, as on one process
     assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
-    import json
     double = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert double["accuracy"] == pytest.approx(single["accuracy"])
     ours, theirs = load_file(tmp_path / "two" / "model" / "model.safetensors"), \
@@ -221,6 +222,38 @@ def test_several_data_folders_are_read_as_one(data, tmp_path, capsys):
     other_vocab = build_data(tmp_path / "WIDER", vocab_size=80)
     with pytest.raises(BertforgeError, match="different vocabulary"):
         pretrain(PretrainConfig(data=(data, other_vocab), out=tmp_path / "RUN2", model="tiny", max_steps=1))
+
+
+def test_prepare_pieces_split_the_input_files_and_pretrain_reads_them_together(tmp_path):
+    from bertforge.cli import main
+    from bertforge.data.prepare import prepare
+    from training_data import vocabulary
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(vocabulary(64)) + "\n", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number in range(5):
+        documents = ["\n".join(" ".join(f"w{i}" for i in rng.integers(0, 59, 6)) + " ." for _ in range(6))
+                     for _ in range(4)]
+        (corpus / f"part{number}.txt").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    pieces = []
+    for index in range(2):
+        pieces.append(tmp_path / f"DATA{index}")
+        assert main(["prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out", str(pieces[-1]),
+                     "--max-seq-len", "16", "--max-predictions", "3", "--dupe-factor", "1", "--workers", "1",
+                     "--validation-fraction", "0.2", "--num-shards", "2", "--shard-index", str(index),
+                     "--quiet"]) == 0
+    inputs = [[Path(i["path"]).name for i in json.loads((piece / "manifest.json").read_text())["inputs"]]
+              for piece in pieces]
+    assert inputs == [["part0.txt", "part2.txt", "part4.txt"], ["part1.txt", "part3.txt"]]
+    run = tmp_path / "RUN"
+    assert main(["pretrain", "--data", *map(str, pieces), "--out", str(run), "--model", "tiny", "--max-steps",
+                 "1"]) == 0
+    assert json.loads((run / "config.json").read_text())["pretrain"]["data"] == [str(p) for p in pieces]
+    with pytest.raises(BertforgeError, match="--shard-index must be in 0..1"):
+        prepare([corpus], tmp_path / "tok", tmp_path / "BAD", num_shards=2, shard_index=2)
 
 
 def _workers(parent: int) -> dict[int, int]:
@@ -289,6 +322,34 @@ def test_ctrl_c_checkpoints_once_from_rank_0_and_the_run_resumes(data, tmp_path)
     resumed = pretrain(PretrainConfig.from_run(run, batch_size=8, max_minutes=0.01))  # 1 process, same batch
     assert resumed.stop_reason == "time_budget" and resumed.step > stopped_at["step"]
     assert meta(run, resumed.step)["instances"] == resumed.step * 8
+
+
+def test_a_collective_waiting_for_a_stuck_rank_fails_after_the_timeout(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("import sys, time, torch\n"
+            "from bertforge import distributed\n"
+            "with distributed.process_group(torch.device('cpu'), timeout_seconds=2.0):\n"
+            "    if distributed.rank() == 1:\n"
+            "        time.sleep(60)  # stuck\n"
+            "    started = time.monotonic()\n"
+            "    try:\n"
+            "        distributed.all_reduce_sum(torch.ones(1))\n"
+            "    except RuntimeError:\n"
+            "        print(f'gave up after {time.monotonic() - started:.1f} s')\n"
+            "        sys.exit(3)\n")
+    ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    try:
+        out, _ = ranks[0].communicate(timeout=60)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    assert ranks[0].returncode == 3 and out.startswith("gave up after"), out
+    assert 1.5 <= float(out.split()[3]) < 10
 
 
 def test_an_error_on_rank_0_stops_every_rank(data, tmp_path):

@@ -245,3 +245,10 @@ def test_cmrc2018_windows_and_language(zh_tokenizer, tmp_path):
         text = example.context[feature.extra["offsets"][start][0]:feature.extra["offsets"][end][1]]
         found += cmrc_exact(text, example.answers[0]) == 1.0
     assert found >= 0.9 * len({f.example_index for f in features if f.label != (0, 0)})
+
+
+def test_cli_task_names_match_the_task_registry() -> None:
+    from bertforge.cli.finetune import TASK_NAMES
+    from bertforge.tasks import TASKS
+
+    assert set(TASK_NAMES) == set(TASKS)

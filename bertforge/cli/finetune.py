@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from bertforge import distributed
 from bertforge.errors import BertforgeError
-from bertforge.tasks import TASKS
+
+# The keys of bertforge.tasks.TASKS, spelled out so that building the CLI does not import torch.
+TASK_NAMES = ("classify", "ner", "qa")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune a pre-trained model on classification, NER or extractive QA",
         description="Fine-tune a model (run folder, model folder or any Hugging Face BERT folder) on a labelled task; "
                     "evaluates on --dev each epoch and exports the best epoch to OUT/model.")
-    parser.add_argument("task", choices=sorted(TASKS), help="classify | ner | qa")
+    parser.add_argument("task", choices=TASK_NAMES, help="classify | ner | qa")
     parser.add_argument("--model", required=True, help="run folder, model folder or Hugging Face BERT folder")
     parser.add_argument("--train", required=True, help="training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON; .gz ok)")
     parser.add_argument("--dev", required=True, help="dev file in the same format (scored every epoch)")
@@ -85,6 +86,8 @@ def _finetune(args: argparse.Namespace) -> int:
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
         n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
     summary = finetune(config)
+    from bertforge import distributed
+
     if not distributed.launched_as_main():  # under torchrun rank 0 reports for the job
         return 0
     shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -53,13 +53,15 @@ def prepare(inputs: Sequence[str | Path] | None, tokenizer: Tokenizer | str | Pa
             short_seq_prob: float = 0.1, dupe_factor: int = 10, seed: int = 12345, whole_word_mask: bool = False,
             chinese_wwm: bool = False, validation_fraction: float = 0.01, workers: int | None = None,
             exact: bool = False, fmt: str | None = None, overwrite: bool = False,
-            show_progress: bool = True) -> dict[str, Any]:
+            show_progress: bool = True, num_shards: int = 1, shard_index: int = 0) -> dict[str, Any]:
     """Prepare pre-training instances from `inputs` (files, folders, globs; None = the bundled corpus) into `out`.
 
     Options and defaults are the reference's (see `InstanceOptions`); `chinese_wwm` masks whole jieba words
     (implies whole-word masking); `validation_fraction` of the documents (round(F x D), at least one when there
     are two or more, 0 for none) go to the validation split; `workers` defaults to min(cores, 4) (`exact`
-    uses one); `fmt` forces a corpus format. Returns the manifest written to `out/manifest.json`.
+    uses one); `fmt` forces a corpus format. `num_shards` K > 1 takes input files shard_index, shard_index + K,
+    ... (of the sorted inputs): a deterministic 1/K so a scheduler can run the pieces on many machines, and
+    `pretrain --data PIECE0 PIECE1 ...` reads them as one. Returns the manifest written to `out/manifest.json`.
     """
     started = time.perf_counter()
     options = InstanceOptions(max_seq_len=max_seq_len, max_predictions=max_predictions, masked_lm_prob=masked_lm_prob,
@@ -71,10 +73,18 @@ def prepare(inputs: Sequence[str | Path] | None, tokenizer: Tokenizer | str | Pa
         raise BertforgeError(f"--seed must be 0 or more, got {seed}")
     if workers is not None and workers < 1:
         raise BertforgeError(f"--workers must be at least 1, got {workers}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise BertforgeError(f"--shard-index must be in 0..{max(num_shards, 1) - 1} and --num-shards at least 1, got "
+                             f"--num-shards {num_shards} --shard-index {shard_index}")
     workers = 1 if exact else (workers or min(os.cpu_count() or 1, 4))
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
     files = expand_inputs(inputs) if inputs else default_corpus_files()
+    if num_shards > 1:
+        if len(files) < num_shards:
+            raise BertforgeError(f"--num-shards {num_shards} splits the input files, but there are {len(files)}; "
+                                 "split the corpus into at least that many files")
+        files = files[shard_index::num_shards]
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
 
     with _gc_paused():

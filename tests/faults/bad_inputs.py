@@ -9,7 +9,6 @@ the results into docs/faults.md's table.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ class Case:
     expect: str                    # a substring of the message (case-insensitive)
     out: str | None = None         # a path (with placeholders) that must be absent or unchanged afterwards
     setup: tuple[Setup, ...] = field(default_factory=tuple)
+    known_bug: str | None = None   # why this case is not clean yet (reported to the owner); the test is xfail(strict)
 
 
 def write(name: str, content: str | bytes) -> Setup:
@@ -43,7 +43,7 @@ def gpt2_folder(tmp: Path) -> None:
     (folder / "model.safetensors").write_bytes(b"")
 
 
-BINARY = bytes(range(256)) * 64 + os.urandom(0)  # deterministic non-text bytes (NULs, invalid UTF-8)
+BINARY = bytes(range(256)) * 64  # deterministic non-text bytes (NULs, invalid UTF-8)
 SOME_TEXT = "The cat sat on the mat. It was happy.\n\nDogs bark loudly. They run.\n"
 TRAIN_TSV = "sentence\tlabel\n" + "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(8))
 PRETRAIN = ("pretrain", "--data", "{data}", "--out", "{tmp}/RUN", "--model", "tiny", "--device", "cpu")
@@ -55,7 +55,7 @@ CASES: list[Case] = [
     Case("tok-missing-corpus", "tokenizer train: corpus file does not exist",
          ("tokenizer", "train", "{tmp}/nope.txt", "--out", "{tmp}/tok"), "nope.txt", "{tmp}/tok"),
     Case("tok-empty-corpus", "tokenizer train: empty corpus file",
-         ("tokenizer", "train", "{tmp}/empty.txt", "--out", "{tmp}/tok"), "empty.txt", "{tmp}/tok",
+         ("tokenizer", "train", "{tmp}/empty.txt", "--out", "{tmp}/tok"), "no text", "{tmp}/tok",
          (write("empty.txt", ""),)),
     Case("tok-binary-corpus", "tokenizer train: binary corpus file",
          ("tokenizer", "train", "{tmp}/blob.bin", "--out", "{tmp}/tok"), "blob.bin", "{tmp}/tok",
@@ -69,11 +69,13 @@ CASES: list[Case] = [
     Case("prep-missing-corpus", "prepare: corpus file does not exist",
          ("prepare", "{tmp}/nope.txt", "--tokenizer", "{tok}", "--out", "{tmp}/DATA"), "nope.txt", "{tmp}/DATA"),
     Case("prep-empty-corpus", "prepare: empty corpus file",
-         ("prepare", "{tmp}/empty.txt", "--tokenizer", "{tok}", "--out", "{tmp}/DATA"), "empty.txt", "{tmp}/DATA",
-         (write("empty.txt", ""),)),
+         ("prepare", "{tmp}/empty.txt", "--tokenizer", "{tok}", "--out", "{tmp}/DATA"), "no document", "{tmp}/DATA",
+         (write("empty.txt", ""),),
+         known_bug="prepare's 'reading + tokenising' progress bar is printed to stderr before the error"),
     Case("prep-binary-corpus", "prepare: binary corpus file",
          ("prepare", "{tmp}/blob.bin", "--tokenizer", "{tok}", "--out", "{tmp}/DATA"), "blob.bin", "{tmp}/DATA",
-         (write("blob.bin", BINARY),)),
+         (write("blob.bin", BINARY),),
+         known_bug="prepare's 'reading + tokenising' progress bar is printed to stderr before the error"),
     Case("prep-vocab-no-specials", "prepare: vocab.txt without [CLS]/[SEP]/[MASK]",
          ("prepare", "{corpus}", "--tokenizer", "{tmp}/vocab.txt", "--out", "{tmp}/DATA"), "[", "{tmp}/DATA",
          (write("vocab.txt", "the\ncat\nsat\non\nmat\n"),)),
@@ -174,9 +176,8 @@ CASES: list[Case] = [
     Case("predict-not-finetuned", "predict: --model is a pre-training run, not a fine-tuned one",
          ("predict", "--model", "{run}", "--input", "{tmp}/in.tsv", "--out", "{tmp}/pred.tsv"), "finetune",
          "{tmp}/pred.tsv", (write("in.tsv", TRAIN_TSV),)),
-    Case("predict-missing-input", "predict: --input file does not exist",
-         ("predict", "--model", "{run}", "--input", "{tmp}/none.tsv", "--out", "{tmp}/pred.tsv"), "none.tsv",
-         "{tmp}/pred.tsv"),
+    Case("ft-missing-train", "finetune: --train file does not exist",
+         (*FINETUNE, "--train", "{tmp}/none.tsv", "--dev", "{tmp}/none.tsv"), "none.tsv", "{tmp}/FT"),
 ]
 
 

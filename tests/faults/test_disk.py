@@ -79,3 +79,20 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint(synthetic_data, tmp_path
         _assert_previous_checkpoint_intact(run, 2)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_during_export_leaves_no_half_written_model_folder(run_dir, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from bertforge import hf
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", full)
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bertforge: error: cannot write model folder {out} (No space left on device)")
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the folder nor its temporary twin

@@ -213,8 +213,6 @@ def test_sigkill_during_finetune_leaves_nothing_that_looks_complete(run_dir, tmp
     check_ok(run_cli("predict", "--model", out, "--input", dev, "--out", tmp_path / "pred.tsv"))
 
 
-@pytest.mark.xfail(strict=True, reason="finetune.py _prepare_out counts the runs/ folder a killed run leaves as "
-                   "a finished run and asks for --overwrite (reported to the fine-tuning owner)")
 def test_finetune_reruns_over_what_a_killed_run_left_without_overwrite(run_dir, tmp_path):
     train, dev = _classification_files(tmp_path)
     out = tmp_path / "FT"
