@@ -35,7 +35,7 @@ from bertforge.data.dataset import PretrainData, collate_pretrain
 from bertforge.data.prepare import prepare
 from bertforge.data.shards import is_data_dir
 from bertforge.errors import BertforgeError
-from bertforge.heads import BertForPreTraining
+from bertforge.heads import BertForPreTraining, fill_mask, next_sentence_probability
 from bertforge.hf import load_model
 from bertforge.monitor import METRICS_FILE, read_metrics
 from bertforge.optim import build_optimizer
@@ -108,43 +108,6 @@ def validation_baselines(data_dir: Path) -> Baselines:
     return Baselines(nsp_majority=label_count / len(store), nsp_majority_label="NotNext" if label else "IsNext",
                      mlm_unigram=token_count / sum(labels.values()), mlm_unigram_token=data.vocab[token_id],
                      instances=len(store), masked_tokens=sum(labels.values()))
-
-
-def _encode_with_masks(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Word-piece ids of `text`, where each literal "[MASK]" becomes the mask id."""
-    pieces = text.split("[MASK]")
-    ids: list[int] = []
-    for k, encoded in enumerate(tokenizer.encode_batch(pieces)):
-        if k:
-            ids.append(tokenizer.mask_id)
-        ids.extend(encoded)
-    return ids
-
-
-@torch.no_grad()
-def fill_mask(model: BertForPreTraining, tokenizer: Tokenizer, text: str,
-              top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-k (token, probability) for each [MASK] in `text`, probabilities over the whole vocabulary."""
-    ids = [tokenizer.cls_id, *_encode_with_masks(tokenizer, text), tokenizer.sep_id]
-    input_ids = torch.tensor([ids])  # (1, T)
-    logits = model(input_ids, torch.zeros_like(input_ids), torch.ones_like(input_ids)).mlm_logits[0]  # (T, V)
-    positions = [i for i, token_id in enumerate(ids) if token_id == tokenizer.mask_id]
-    results = []
-    for position in positions:
-        probs, top = logits[position].softmax(-1).topk(top_k)
-        results.append(list(zip(tokenizer.convert_ids_to_tokens(top.tolist()), probs.tolist())))
-    return results
-
-
-@torch.no_grad()
-def next_sentence_probability(model: BertForPreTraining, tokenizer: Tokenizer, first: str, second: str) -> float:
-    """P(IsNext): the probability that `second` follows `first`."""
-    a, b = tokenizer.encode_batch([first, second])
-    ids = [tokenizer.cls_id, *a, tokenizer.sep_id, *b, tokenizer.sep_id]
-    input_ids = torch.tensor([ids])  # (1, T)
-    token_type_ids = torch.tensor([[0] * (len(a) + 2) + [1] * (len(b) + 1)])
-    logits = model(input_ids, token_type_ids, torch.ones_like(input_ids)).nsp_logits[0]  # (2,)
-    return float(logits.softmax(-1)[0])
 
 
 def _check_out(config: DemoConfig) -> None:
