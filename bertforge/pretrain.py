@@ -439,8 +439,14 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     parts = [PretrainDataset(d.split("train"), dynamic_masking=config.dynamic_masking, seed=config.seed)
              for d in datas]
     dataset = parts[0] if len(parts) == 1 else ConcatenatedData(parts)
-    validation_store = data.split("validation") if len(datas) == 1 else \
-        torch.utils.data.ConcatDataset([d.split("validation") for d in datas])
+    validation_parts = [d.split("validation") for d in datas if "validation" in d.splits]
+    validation_store = None
+    if validation_parts and sum(len(part) for part in validation_parts):
+        validation_store = validation_parts[0] if len(validation_parts) == 1 else \
+            torch.utils.data.ConcatDataset(validation_parts)
+    elif distributed.is_main():
+        print("bertforge: DATA has no validation split (prepared with --validation-fraction 0): training runs "
+              "without evaluation", file=sys.stderr)
     pad_id = data.special_ids.pad
     loader = StepLoader(dataset, lambda items: collate_pretrain(items, pad_id), batch_size=config.batch_size,
                         grad_accum=config.grad_accum, seed=config.seed)
@@ -478,9 +484,9 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
         result = train(distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler,
                        loader=loader, count_fn=count_targets, loss_fn=pretraining_loss,
                        metrics_fn=pretraining_metrics,
-                       evaluate_fn=lambda m: evaluate_model(m, validation_store, batch_size=config.batch_size,
-                                                            device=device, pad_id=pad_id,
-                                                            max_batches=config.eval_batches),
+                       evaluate_fn=None if validation_store is None else (
+                           lambda m: evaluate_model(m, validation_store, batch_size=config.batch_size,
+                                                    device=device, pad_id=pad_id, max_batches=config.eval_batches)),
                        monitor=monitor, run_dir=config.out, config=loop_config, device=device,
                        resume_from=resume_from, checkpoint_meta={"model_config": model_config.to_dict()})
     finally:

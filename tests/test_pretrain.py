@@ -137,6 +137,14 @@ def test_bf16_autocast_runs_on_the_cpu(data, tmp_path):
     assert 0.0 <= result.eval_metrics["mlm_accuracy"] <= 1.0
 
 
+def test_data_without_validation_instances_trains_without_evaluation(tmp_path, capsys):
+    data = build_data(tmp_path / "DATA", validation=0)
+    result = pretrain(PretrainConfig(data=data, out=tmp_path / "RUN", max_steps=2, **FAST))
+    assert result.step == 2 and not result.eval_metrics
+    assert "without evaluation" in capsys.readouterr().err
+    assert (tmp_path / "RUN" / "model" / "model.safetensors").is_file()
+
+
 def test_init_continues_from_a_run_on_new_data_with_a_fresh_schedule(data, tmp_path):
     first = tmp_path / "phase1"
     pretrain(PretrainConfig(data=data, out=first, max_steps=4, **FAST))
