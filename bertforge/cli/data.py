@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "`pretrain --data PIECE0 PIECE1 ...`)")
     parser.add_argument("--shard-index", metavar="I", type=int, default=0, help="which piece: 0..K-1 (0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DATA folder at --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal)")
     parser.set_defaults(func=run_prepare)
 
 
@@ -63,7 +63,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         whole_word_mask=args.whole_word_mask, chinese_wwm=args.chinese_wwm,
         validation_fraction=args.validation_fraction, workers=args.workers, exact=args.exact,
         fmt=None if args.format == "auto" else args.format, overwrite=args.overwrite,
-        show_progress=not args.quiet, num_shards=args.num_shards, shard_index=args.shard_index)
+        show_progress=not args.quiet and sys.stderr.isatty(), num_shards=args.num_shards, shard_index=args.shard_index)
     print(summarize(manifest), file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
