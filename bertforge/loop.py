@@ -103,6 +103,7 @@ class LoopConfig:
     max_minutes: float | None = None
     on_nan: str = "stop"            # "stop" | "rollback" (reload the last checkpoint, skip the batches)
     max_bad_steps: int = 5          # non-finite steps in a row before stopping / rolling back
+    nan_lr_factor: float = 1.0      # on each rollback the learning rate is multiplied by this
 
 
 @dataclass
@@ -247,6 +248,8 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
             loader.load_state_dict(meta)
         return int(meta["step"])
 
+    rollbacks: list[int] = []
+
     def handle_nonfinite(at_step: int, loss_value: float) -> int:
         """Reports a skipped step; after `max_bad_steps` in a row stops or rolls back. Returns the step."""
         if distributed.is_main():
@@ -261,14 +264,25 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
             raise BertforgeError(f"the loss was not finite for {bad_in_row} steps in a row (up to step {at_step}); "
                                  f"stopped ({where}); lower --lr or check the data")
         back_to = restore(last_good, data_position=False)
+        rollbacks.append(back_to)
+        lowered = ""
+        if config.nan_lr_factor != 1.0:  # the schedule this process started with, scaled once per rollback
+            scale = config.nan_lr_factor ** len(rollbacks)
+            scheduler.base_lrs = [base * scale for base in starting_base_lrs]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["initial_lr"] = base
+                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            lowered = f"; learning rate x{scale:g}"
         if distributed.is_main():
-            print(f"bertforge: rolled back to {last_good}; the offending batches are skipped", file=sys.stderr,
-                  flush=True)
-            monitor.log({"step": back_to, "event": "rollback", "checkpoint": str(last_good)})
+            print(f"bertforge: rolled back to {last_good}; the offending batches are skipped{lowered}",
+                  file=sys.stderr, flush=True)
+            monitor.log({"step": back_to, "event": "rollback", "checkpoint": str(last_good),
+                         "lr_scale": config.nan_lr_factor ** len(rollbacks)})
         return back_to
 
     if resume_from is not None:
         step = restore(resume_from, data_position=True)
+    starting_base_lrs = list(scheduler.base_lrs)
     if distributed.is_main():
         checkpoint.remove_partial_checkpoints(run_dir)
     result = LoopResult(step=step, instances=loader.instances, stop_reason="max_steps")

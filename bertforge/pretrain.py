@@ -73,6 +73,7 @@ class PretrainConfig:
     dropout: float | None = None        # hidden and attention dropout (default: the model config's)
     max_minutes: float | None = None    # time budget: stop (evaluate, save, export) when spent
     on_nan: str = "stop"
+    nan_lr_factor: float = 1.0          # with on_nan="rollback": multiply the learning rate by this per rollback
     eval_batches: int | None = None     # cap on validation batches per evaluation (default: all)
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_SECONDS  # seconds a collective waits for the other ranks
     zero1: bool = False                 # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
@@ -100,6 +101,8 @@ class PretrainConfig:
             raise BertforgeError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         if not 0 <= self.weight_decay < 1:
             raise BertforgeError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 < self.nan_lr_factor <= 1:
+            raise BertforgeError(f"--nan-lr-factor must be in (0, 1], got {self.nan_lr_factor}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
         choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": ("auto", "cpu", "cuda"),
@@ -479,7 +482,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     loop_config = LoopConfig(max_steps=steps, precision=config.precision, compile=config.compile,
                              log_every=config.log_every, eval_every=config.eval_every,
                              save_every=config.save_every, keep_last=config.keep_last, max_minutes=config.max_minutes,
-                             on_nan=config.on_nan)
+                             on_nan=config.on_nan, nan_lr_factor=config.nan_lr_factor)
     try:
         result = train(distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler,
                        loader=loader, count_fn=count_targets, loss_fn=pretraining_loss,

@@ -68,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(run, "--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
     option(run, "--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
            choices=("stop", "rollback"))
+    option(run, "--nan-lr-factor", "with --on-nan rollback: multiply the learning rate by this at each rollback "
+           "(e.g. 0.5)", type=float)
     option(run, "--dist-timeout", "under torchrun: seconds a collective operation waits for the other processes "
            "before the job fails (a dead or stuck rank)", type=float)
     option(run, "--resume", "continue RUN from its newest complete checkpoint with its saved settings",

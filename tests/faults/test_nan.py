@@ -93,3 +93,18 @@ def test_rollback_reloads_the_last_good_checkpoint_skips_the_batches_and_goes_on
     assert len(calls) == 14 + (bad.stop - 1 - good)
     assert _finite_model(run)
     _report("rollback", True)
+
+
+def test_rollback_can_lower_the_learning_rate(synthetic_data, tmp_path, monkeypatch, capsys):
+    runs = {}
+    for name, extra in (("plain", []), ("halved", ["--nan-lr-factor", "0.5"])):
+        run = tmp_path / name
+        _poison(monkeypatch, set(range(5, 10)))
+        assert main(["pretrain", "--data", str(synthetic_data), "--out", str(run), *FLAGS, "--on-nan", "rollback",
+                     *extra]) == 0
+        runs[name] = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r and "event" not in r}
+        assert _finite_model(run)
+    assert "learning rate x0.5" in capsys.readouterr().err
+    # after the rollback every step runs at half the rate the plain rollback uses
+    assert runs["halved"][12] == pytest.approx(0.5 * runs["plain"][12])
+    assert runs["halved"][1] == pytest.approx(runs["plain"][1])
