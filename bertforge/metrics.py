@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -218,13 +218,19 @@ def squad_f1(prediction: str, truth: str) -> float:
 
 def squad_metrics(predictions: dict[str, str], references: dict[str, Iterable[str]]) -> dict[str, float]:
     """{exact_match, f1} in percent over every referenced question; an unanswered question scores 0."""
+    return _span_metrics(predictions, references, squad_exact, squad_f1)
+
+
+def _span_metrics(predictions: dict[str, str], references: dict[str, Iterable[str]],
+                  exact_fn: Callable[[str, str], float], f1_fn: Callable[[str, str], float]) -> dict[str, float]:
+    """Mean over referenced questions of the best score against any reference (as both official scripts do)."""
     exact = f1 = 0.0
     for qid, truths in references.items():
         truths = list(truths)
         if qid not in predictions:
             continue
-        exact += max(squad_exact(predictions[qid], truth) for truth in truths)
-        f1 += max(squad_f1(predictions[qid], truth) for truth in truths)
+        exact += max(exact_fn(predictions[qid], truth) for truth in truths)
+        f1 += max(f1_fn(predictions[qid], truth) for truth in truths)
     total = len(references)
     return {"exact_match": 100.0 * exact / total if total else 0.0, "f1": 100.0 * f1 / total if total else 0.0}
 
@@ -287,12 +293,4 @@ def cmrc_exact(prediction: str, truth: str) -> float:
 
 def cmrc_metrics(predictions: dict[str, str], references: dict[str, Iterable[str]]) -> dict[str, float]:
     """{exact_match, f1} in percent, CMRC 2018 style; an unanswered question scores 0."""
-    exact = f1 = 0.0
-    for qid, truths in references.items():
-        truths = list(truths)
-        if qid not in predictions:
-            continue
-        exact += max(cmrc_exact(predictions[qid], truth) for truth in truths)
-        f1 += max(cmrc_f1(predictions[qid], truth) for truth in truths)
-    total = len(references)
-    return {"exact_match": 100.0 * exact / total if total else 0.0, "f1": 100.0 * f1 / total if total else 0.0}
+    return _span_metrics(predictions, references, cmrc_exact, cmrc_f1)
