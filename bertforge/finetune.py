@@ -71,6 +71,7 @@ class FinetuneConfig:
     length_bucketing: bool = False              # batches of similar lengths (less padding, less shuffling)
     precision: str = "fp32"
     device: str = "auto"
+    dropout: float | None = None                # hidden and attention dropout (default: the model config's)
     text_columns: tuple[str, ...] | None = None
     label_column: str | None = None
     regression: bool = False
@@ -93,6 +94,8 @@ class FinetuneConfig:
             raise BertforgeError(f"--max-train-examples must be positive, got {self.max_train_examples}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
             raise BertforgeError("--lr must be positive, --weight-decay non-negative and --warmup-ratio in [0, 1)")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in loop.PRECISIONS:
             raise BertforgeError(f"--precision must be one of {', '.join(loop.PRECISIONS)}, got {self.precision!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
@@ -111,9 +114,9 @@ class FinetuneConfig:
 
 
 def load_task_model(path: str | Path, architecture: str, num_labels: int | None, max_seq_len: int,
-                    ) -> tuple[nn.Module, Tokenizer, list[str]]:
+                    dropout: float | None = None) -> tuple[nn.Module, Tokenizer, list[str]]:
     """The model with its task head (`hf.load_for_task`), its tokenizer and load notes; checks the window fits."""
-    loaded = hf.load_for_task(path, HEADS[architecture], num_labels)
+    loaded = hf.load_for_task(path, HEADS[architecture], num_labels, dropout)
     if loaded.tokenizer_dir is None:
         raise BertforgeError(f"{path} has no vocabulary (vocab.txt or tokenizer.json) next to its weights; copy "
                              "the tokenizer files of the model into the folder")
@@ -201,7 +204,8 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
                     max_seq_len: int) -> dict[str, Any]:
     """One seed: fresh head, the shared loop with one evaluation per epoch; returns best epoch, weights, history."""
     torch.manual_seed(seed)
-    model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
+    model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len,
+                                          config.dropout)
     model.to(device)
     if config.length_bucketing:
         dataset: list = _bucketed(train_features, config.batch_size, seed)

@@ -473,13 +473,17 @@ def _label_names(id2label: Any, source: str | Path) -> list[str] | None:
     return [str(id2label[str(index)]) for index in ids]
 
 
-def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int | None = None) -> LoadedModel:
+def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int | None = None,
+                  dropout: float | None = None) -> LoadedModel:
     """Load the encoder from any folder `load_model` accepts and put a `task_class` head on it.
 
     The head's weights are loaded when the folder is a model of the same class with the same number of labels
     (e.g. for `predict`), otherwise initialised fresh (noted). `num_labels=None` takes the folder's label count.
+    `dropout` replaces the folder's hidden and attention dropout (e.g. a model pre-trained without dropout).
     """
     config, hf_config, state, vocab_dir, notes = _read_folder(path)
+    if dropout is not None:
+        config = config.replace(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     architecture = next(name for name, cls in ARCHITECTURES.items() if cls is task_class)
     folder_architecture = (hf_config.get("architectures") or ["BertForPreTraining"])[0]
     id2label = hf_config.get("id2label") if folder_architecture == architecture else None

@@ -234,6 +234,8 @@ def test_cli_bad_input_is_one_line_exit_2(models, tmp_path, capsys):
         ([*base, "--model", str(no_vocab), "--train", str(good), "--dev", str(good)], "no vocabulary"),
         ([*base, "--model", str(models["short"]), "--train", str(good), "--dev", str(good)], "position table"),
         ([*base, "--model", str(tmp_path / "missing"), "--train", str(good), "--dev", str(good)], "does not exist"),
+        ([*base, "--model", str(models["en"]), "--train", str(good), "--dev", str(good), "--dropout", "1"],
+         "--dropout must be in [0, 1)"),
         (["predict", "--model", str(models["en"]), "--input", str(good), "--out", str(tmp_path / "p.tsv")],
          "not a fine-tuned folder"),
     ]

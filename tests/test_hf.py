@@ -342,6 +342,10 @@ def test_load_for_task_from_pretraining_folder(tmp_path, tokenizer):
                                ours.bert.encoder.layers[1].feed_forward.output.weight)
     with pytest.raises(BertforgeError, match="how many labels"):
         load_for_task(tmp_path / "pre", BertForTokenClassification)
+    tuned = load_for_task(tmp_path / "pre", BertForSequenceClassification, num_labels=2, dropout=0.25)
+    assert tuned.config.hidden_dropout_prob == tuned.config.attention_probs_dropout_prob == 0.25
+    assert tuned.model.bert.encoder.layers[0].attention.attention_dropout == 0.25
+    assert {m.p for m in tuned.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
 
 
 def test_run_folder_resolution(tmp_path, tokenizer):

@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--dropout", type=float, default=None, metavar="P",
+                        help="hidden and attention dropout while fine-tuning (default: the model's config)")
     parser.add_argument("--text-columns", type=_names, default=None,
                         help="classify: NAME or NAME1,NAME2 (default: detected from the header)")
     parser.add_argument("--label-column", default=None, help="classify: label column (default: detected)")
@@ -81,7 +83,7 @@ def _finetune(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_len=args.max_seq_len,
         seed=args.seed, seeds=args.seeds, max_train_examples=args.max_train_examples,
-        length_bucketing=args.length_bucketing, precision=args.precision, device=args.device,
+        length_bucketing=args.length_bucketing, precision=args.precision, device=args.device, dropout=args.dropout,
         text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
         n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
