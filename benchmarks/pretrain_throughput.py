@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bertforge.config import ModelConfig
+from bertforge.allocator import keep_freed_memory
 from bertforge.monitor import measure_matmul_peak, model_flops_per_token
 
 VOCAB_SIZE = 30522
@@ -319,6 +320,9 @@ def report(rows: list[dict], peaks: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    # bertforge's training loop tunes glibc malloc for the whole process (bertforge/allocator.py); do the same
+    # here, so both implementations below run with it (it is process-wide) as `bertforge pretrain` would.
+    print(f"host allocator tuning (bertforge/allocator.py): {'on' if keep_freed_memory() else 'off'}", flush=True)
     peaks = {"fp32": measure_matmul_peak(torch.float32, 2048, 1.0, args.device),
              "bf16": measure_matmul_peak(torch.bfloat16, 2048, 1.0, args.device)}
     with tempfile.TemporaryDirectory(prefix="bertforge-bench-") as work:

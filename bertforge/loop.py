@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertforge import checkpoint, distributed
+from bertforge import allocator, checkpoint, distributed
 from bertforge.errors import BertforgeError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -216,6 +216,7 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
     if config.precision not in PRECISIONS:
         raise BertforgeError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     autocast_context(device, config.precision)  # refuses fp16 off CUDA before any work
+    allocator.keep_freed_memory()  # host memory: no page faults for the same big tensors every step
     raw_model = _unwrap(model)
     forward_model = torch.compile(model) if config.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
