@@ -322,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     # bertforge's training loop tunes glibc malloc for the whole process (bertforge/allocator.py); do the same
     # here, so both implementations below run with it (it is process-wide) as `bertforge pretrain` would.
-    print(f"host allocator tuning (bertforge/allocator.py): {'on' if keep_freed_memory() else 'off'}", flush=True)
+    tuned = keep_freed_memory()
+    print(f"host allocator tuning (bertforge/allocator.py): {'on' if tuned else 'off'}"
+          + (" -- freed memory stays in the process, so 'peak mem' below is the process's high-water mark, not "
+             "each implementation's (BERTFORGE_MALLOC_TUNING=0 to compare memory)" if tuned else ""), flush=True)
     peaks = {"fp32": measure_matmul_peak(torch.float32, 2048, 1.0, args.device),
              "bf16": measure_matmul_peak(torch.bfloat16, 2048, 1.0, args.device)}
     with tempfile.TemporaryDirectory(prefix="bertforge-bench-") as work:
