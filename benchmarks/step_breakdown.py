@@ -39,8 +39,7 @@ def measure(args: argparse.Namespace) -> dict:
     tuned = allocator.keep_freed_memory()
     torch.manual_seed(0)
     vocab, length, predictions, batch_size = 30522, 128, 20, args.batch_size
-    config = ModelConfig.preset(args.size, vocab_size=vocab).replace(hidden_dropout_prob=args.dropout,
-                                                                     attention_probs_dropout_prob=args.dropout)
+    config = ModelConfig.preset(args.size, vocab_size=vocab).with_dropout(args.dropout)
 
     def batch() -> dict:
         lengths = torch.randint(length - 18, length + 1, (batch_size,))

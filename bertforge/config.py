@@ -85,6 +85,12 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_dropout(self, dropout: float | None) -> "ModelConfig":
+        """This config with hidden and attention dropout set to `dropout` (`--dropout P`); None keeps them."""
+        if dropout is None:
+            return self
+        return self.replace(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

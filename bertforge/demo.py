@@ -142,7 +142,7 @@ def _seconds_per_step(config: DemoConfig, data_dir: Path) -> float:
     data = PretrainData(data_dir, verify="size")
     store = data.split("train")
     model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
-    model = BertForPreTraining(model_config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = BertForPreTraining(model_config.with_dropout(0.0))
     optimizer = build_optimizer(model, "adamw", lr=LEARNING_RATE, weight_decay=0.01)
     times = []
     for step in range(5):

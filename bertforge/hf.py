@@ -482,8 +482,7 @@ def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int
     `dropout` replaces the folder's hidden and attention dropout (e.g. a model pre-trained without dropout).
     """
     config, hf_config, state, vocab_dir, notes = _read_folder(path)
-    if dropout is not None:
-        config = config.replace(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = config.with_dropout(dropout)
     architecture = next(name for name, cls in ARCHITECTURES.items() if cls is task_class)
     folder_architecture = (hf_config.get("architectures") or ["BertForPreTraining"])[0]
     id2label = hf_config.get("id2label") if folder_architecture == architecture else None

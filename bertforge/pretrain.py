@@ -311,10 +311,7 @@ def _model_config(config: PretrainConfig, data: PretrainData) -> ModelConfig:
         raw = json.loads(Path(config.model).read_text(encoding="utf-8"))
         if "vocab_size" not in raw:
             model_config = model_config.replace(vocab_size=data.vocab_size)
-    if config.dropout is not None:
-        model_config = model_config.replace(hidden_dropout_prob=config.dropout,
-                                            attention_probs_dropout_prob=config.dropout)
-    return model_config
+    return model_config.with_dropout(config.dropout)
 
 
 def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str) -> None:
@@ -338,10 +335,7 @@ def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPre
     if load_tokenizer(loaded.tokenizer_dir).vocab_hash != data.vocab_hash:
         raise BertforgeError(f"--init {config.init} uses a different vocabulary from {data.path}; prepare the data "
                              f"with that model's tokenizer (bertforge prepare --tokenizer {loaded.tokenizer_dir})")
-    model_config = loaded.config
-    if config.dropout is not None:
-        model_config = model_config.replace(hidden_dropout_prob=config.dropout,
-                                            attention_probs_dropout_prob=config.dropout)
+    model_config = loaded.config.with_dropout(config.dropout)
     _check_fits_data(model_config, data, f"--init {config.init}")
     model = BertForPreTraining(model_config)
     model.load_state_dict(loaded.model.state_dict())
