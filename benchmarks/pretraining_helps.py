@@ -153,7 +153,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def report(results: Results, seeds: list[int], lrs: list[float], args: argparse.Namespace) -> str:
     rows = [(f"SST-2 dev accuracy ({args.sst2_train:,} training sentences)", "sst2", "accuracy"),
             (f"SST-2 dev accuracy ({args.sst2_small:,} training sentences)", "sst2small", "accuracy"),
-            ("CoNLL-2003 dev F1", "conll", "f1"),
+            (f"CoNLL-2003 dev F1 ({args.conll_train:,} training sentences)", "conll", "f1"),
             ("CoNLL-2003 test F1", "conll", "test_f1")]
     en = results.data.get("en/pretrain", {}).get("value", {})
     minutes = results.data.get("en/pretrain", {}).get("seconds", float("nan")) / 60
