@@ -117,6 +117,8 @@ def pretrain_stage(args: argparse.Namespace, out: Path, corpus: list[Path], voca
                             eval_every=max(1, steps // 10), save_every=max(1, steps // 20), keep_last=1, seed=0,
                             resume=(run / "config.json").is_file(), overwrite=True)
     result = pretrain(config)
+    if result.stop_reason == "signal":  # Ctrl-C / SIGTERM: a checkpoint was saved; the next run resumes from it
+        raise SystemExit(f"stopped during pre-training ({run}); run the script again to resume")
     print(result.summary, flush=True)
     return {"steps": result.step, "stop_reason": result.stop_reason, "model": str(run / "model"),
             "validation": result.eval_metrics}
