@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, small budgets (a smoke run, not the claim)")
     args = parser.parse_args(argv)
     if args.quick:  # smaller defaults; flags given explicitly still win
-        parser.set_defaults(size="tiny", wiki_files=6, train_vocab=8000, pretrain_steps=1500, zh_steps=500, pretrain_minutes=15.0, sst2_train=3000,
-                            conll_train=1500, chnsenticorp_train=2000, dupe_factor=1)
+        parser.set_defaults(size="tiny", wiki_files=6, train_vocab=8000, pretrain_steps=1500, zh_steps=500,
+                            pretrain_minutes=15.0, sst2_train=3000, conll_train=1500, chnsenticorp_train=2000,
+                            dupe_factor=1)
         args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"needs {DATA}", file=sys.stderr)
