@@ -1,13 +1,16 @@
 """Where a training step's time goes: forward, backward, clip, optimizer, and the minor page faults it causes.
 
 Runs our `BertForPreTraining` step (the pre-training loss, clip at 1.0, fused AdamW) on random batches shaped like
-BERT's (seq 128, 20 masked positions per sequence, a 30,522-entry vocabulary) twice, each in a fresh process:
-with the host-allocator tuning that `bertforge pretrain` applies (`bertforge/allocator.py`) and without it
-(`BERTFORGE_MALLOC_TUNING=0`), alternating, and prints the medians side by side with the useful FLOP/s against
-the measured matmul peak. `--profile` adds the top operators of one tuned step.
+BERT's (seq 128, 20 masked positions per sequence, a 30,522-entry vocabulary), each variant in a fresh process,
+alternating, and prints the medians side by side with the useful FLOP/s against the measured matmul peak:
+- `default`: as `bertforge pretrain` runs it;
+- `untuned`: without the host-allocator tuning (`bertforge/allocator.py`; `BERTFORGE_MALLOC_TUNING=0`);
+- `stock-dropout`: with PyTorch's own dropout masks (`F.dropout`, and SDPA drawing its attention-dropout mask)
+  instead of `bertforge/dropout.py`'s.
+`--profile` adds the top operators of one default step.
 
     python benchmarks/step_breakdown.py                      # base, batch 8, dropout 0.1, 2 runs each
-    python benchmarks/step_breakdown.py --size mini --batch-size 32
+    python benchmarks/step_breakdown.py --batch-size 32 --variants default,stock-dropout
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sys
 import time
 
 PHASES = ("forward", "backward", "clip", "optimizer")
+VARIANTS = {"default": {"BERTFORGE_MALLOC_TUNING": "1"}, "untuned": {"BERTFORGE_MALLOC_TUNING": "0"},
+            "stock-dropout": {"BERTFORGE_MALLOC_TUNING": "1", "STEP_BREAKDOWN_STOCK_DROPOUT": "1"}}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -37,6 +42,13 @@ def measure(args: argparse.Namespace) -> dict:
     from bertforge.pretrain import count_targets, pretraining_loss
 
     tuned = allocator.keep_freed_memory()
+    if os.environ.get("STEP_BREAKDOWN_STOCK_DROPOUT") == "1":  # the masks PyTorch draws itself
+        import torch.nn.functional as F
+
+        from bertforge import dropout, model as model_module
+        dropout.dropout = F.dropout
+        model_module.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
     torch.manual_seed(0)
     vocab, length, predictions, batch_size = 30522, 128, 20, args.batch_size
     config = ModelConfig.preset(args.size, vocab_size=vocab).with_dropout(args.dropout)
@@ -85,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
     result["gflops"] = model_flops_per_token(config, round(tokens / batch_size), predictions) * tokens / result["step"] / 1e9
     result["peak_gflops"] = measure_matmul_peak(torch.float32, 2048, 1.0, "cpu") / 1e9
     result["tuned"] = tuned
-    if args.profile and tuned:
+    if args.profile and os.environ.get("STEP_BREAKDOWN_VARIANT") == "default":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step(batches[-1], record=False)
@@ -101,19 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2, help="processes per variant (alternating)")
+    parser.add_argument("--variants", default="default,untuned,stock-dropout",
+                        help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args)))
         return 0
-    variants = {"tuned (default)": "1", "untuned": "0"}
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for run in range(args.runs):
-        for name, flag in (variants.items() if run % 2 == 0 else reversed(variants.items())):
+        for name, env in (variants.items() if run % 2 == 0 else reversed(variants.items())):
             child = [sys.executable, __file__, "--child", *(argv if argv is not None else sys.argv[1:])]
             out = subprocess.run(child, capture_output=True, text=True, check=True,
-                                 env={**os.environ, "BERTFORGE_MALLOC_TUNING": flag}).stdout
+                                 env={**os.environ, **env, "STEP_BREAKDOWN_VARIANT": name}).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"  run {run + 1}/{args.runs} {name}: {results[name][-1]['step']:.3f} s/step", file=sys.stderr,
                   flush=True)

@@ -9,7 +9,9 @@ Heads (MLM, NSP, task heads) live in `heads.py`; Hugging Face names live in `hf.
 
 Deviations from the reference, all numerically equivalent up to float rounding:
 - attention runs through `torch.nn.functional.scaled_dot_product_attention` (fused kernels where PyTorch has
-  them) with a boolean padding mask instead of the reference's additive -10000 mask;
+  them) with a boolean padding mask instead of the reference's additive -10000 mask; on the CPU in training with
+  attention dropout, where SDPA would take its unfused math path anyway, that same path runs with dropout masks
+  drawn 3x cheaper (`dropout.py`: the drop probability is rounded to a multiple of 2**-15);
 - the word-embedding row of `[PAD]` is an ordinary trainable row (as in the reference; Hugging Face pins it);
 - `hidden_act="gelu"` is the exact erf GELU (the Hugging Face default); `"gelu_new"` is the tanh approximation
   the reference used.
@@ -18,10 +20,10 @@ Deviations from the reference, all numerically equivalent up to float rounding:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertforge.config import ModelConfig
+from bertforge.dropout import Dropout, attention
 
 
 def activation(name: str) -> nn.Module:
@@ -58,7 +60,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         """(B, T) ids and segment ids -> (B, T, H)."""
@@ -83,7 +85,7 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_probs_dropout_prob
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -93,8 +95,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x (B, T, H); mask (B, 1, 1, T) or (B, 1, T, T), True where attention is allowed, or None -> (B, T, H)."""
         q, k, v = self._split_heads(self.query(x)), self._split_heads(self.key(x)), self._split_heads(self.value(x))
-        dropout_p = self.attention_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, D)
+        context = attention(q, k, v, mask, self.attention_dropout, self.training)  # (B, heads, T, D)
         context = context.transpose(1, 2).reshape(x.shape)  # (B, T, H)
         return self.layer_norm(x + self.dropout(self.output(context)))
 
@@ -107,7 +108,7 @@ class FeedForward(nn.Module):
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation = activation(config.hidden_act)
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
