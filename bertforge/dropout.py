@@ -59,20 +59,13 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     return x * scaled_keep_mask(tuple(x.shape), p, x.dtype, x.device)
 
 
-class Dropout(nn.Module):
-    """Drop-in for `nn.Dropout` that uses `dropout` (no parameters, so checkpoints are unaffected)."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-        self.p = p
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same `p`, same isinstance checks, no parameters) whose forward pass is `dropout`."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.inplace:  # not used by the encoder; keep nn.Dropout's in-place semantics exact
+            return super().forward(x)
         return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
