@@ -137,6 +137,25 @@ def test_bf16_autocast_runs_on_the_cpu(data, tmp_path):
     assert 0.0 <= result.eval_metrics["mlm_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_with_dropout(data, tmp_path):
+    """--compile: without dropout the loss curve follows eager mode's; with dropout (the CPU masks of dropout.py
+    inside the compiled graph) it trains and its exported model loads."""
+    fast = FAST | dict(max_steps=4)
+    eager = pretrain(PretrainConfig(data=data, out=tmp_path / "eager", **fast))
+    compiled = pretrain(PretrainConfig(data=data, out=tmp_path / "compiled", compile=True, **fast))
+    assert compiled.step == eager.step == 4
+    expected, got = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert got == pytest.approx(expected, rel=1e-3)
+    dropped = pretrain(PretrainConfig(data=data, out=tmp_path / "dropout", compile=True, **(fast | dict(dropout=0.1))))
+    losses = [loss for _, loss in _train_losses(tmp_path / "dropout")]
+    assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses != [loss for _, loss in expected]  # dropout changed the computation
+    assert dropped.eval_metrics["mlm_accuracy"] >= 0.0
+    assert (tmp_path / "dropout" / "model" / "model.safetensors").is_file()
+
+
 def test_data_without_validation_instances_trains_without_evaluation(tmp_path, capsys):
     data = build_data(tmp_path / "DATA", validation=0)
     result = pretrain(PretrainConfig(data=data, out=tmp_path / "RUN", max_steps=2, **FAST))
