@@ -32,12 +32,17 @@ def quantised_p(p: float) -> float:
     return round(p * 2**_BITS) / 2**_BITS
 
 
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """Boolean tensor of `shape`, each element independently True with probability 1 - quantised_p(p)."""
+def _random_bits(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """int16 tensor of `shape`, each element uniform on [0, 2**15): 15 random bits, two elements per 32-bit draw."""
     n = math.prod(shape)
     words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_()  # uniform on [0, 2**31)
     halves = words.view(torch.int16)[:n].view(shape)  # two 16-bit halves per word; the low 15 bits of each are uniform
-    return halves.bitwise_and(2**_BITS - 1) >= round(p * 2**_BITS)
+    return halves.bitwise_and_(2**_BITS - 1)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean tensor of `shape`, each element independently True with probability 1 - quantised_p(p)."""
+    return _random_bits(shape, device) >= round(p * 2**_BITS)
 
 
 def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torch.float32,
@@ -45,9 +50,14 @@ def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torc
     """`keep_mask` as 0 or 1 / (1 - quantised_p(p)) in `dtype`: the factor dropout multiplies by.
 
     A float factor, as `F.dropout` uses on the CPU, because float x float multiplies are the fast ones here (a bool
-    mask times a float tensor takes 2-4x as long, and the backward pass multiplies by the factor again).
+    mask times a float tensor takes 2-4x as long, and the backward pass multiplies by the factor again). In float32
+    the comparison runs in place on the converted bits (15-bit integers are exact there): 7.6 ms instead of 13 for
+    the attention probabilities above.
     """
-    return keep_mask(shape, p, device).to(dtype).mul_(1.0 / (1.0 - quantised_p(p)))
+    bits, threshold = _random_bits(shape, device), round(p * 2**_BITS)
+    exact = dtype in (torch.float32, torch.float64)
+    factor = bits.to(dtype).ge_(threshold) if exact else (bits >= threshold).to(dtype)
+    return factor.mul_(1.0 / (1.0 - quantised_p(p)))
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

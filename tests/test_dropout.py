@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertforge.dropout import Dropout, attention, dropout, keep_mask, quantised_p
+from bertforge.dropout import Dropout, attention, dropout, keep_mask, quantised_p, scaled_keep_mask
 
 
 def test_quantised_p_is_a_multiple_of_two_to_the_minus_15():
@@ -32,6 +32,17 @@ def test_the_two_halves_of_a_draw_are_independent():
     mask = keep_mask((1_000_000,), 0.5).double()
     for a, b in ((mask[0::2], mask[1::2]), (mask[:-2], mask[2:])):  # same draw, neighbouring draws
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_scaled_factor_is_the_boolean_mask_times_the_scale(dtype):
+    torch.manual_seed(8)
+    keep = keep_mask((3, 1001), 0.1)
+    torch.manual_seed(8)
+    factor = scaled_keep_mask((3, 1001), 0.1, dtype)
+    assert factor.dtype == dtype and torch.equal(factor != 0, keep)
+    scale = torch.tensor(1 / (1 - quantised_p(0.1)), dtype=dtype)
+    assert torch.equal(factor[keep], scale.expand(int(keep.sum())))
 
 
 def test_dropout_zeroes_or_scales_and_keeps_the_expectation():
