@@ -14,6 +14,7 @@ and resumed runs continue exactly as before. Cost: ~6 ms instead of 17.5 for the
 Attention dropout: with dropout in training, CPU `F.scaled_dot_product_attention` always takes its math path (its
 flash kernel has no dropout): scores = q k^T / sqrt(d), masked, softmax, dropout, times v. `attention` computes
 that same path with the mask made here; everywhere else (evaluation, no attention dropout, CUDA) it is SDPA.
+Under `torch.compile` both are PyTorch's own: the compiler generates and fuses its own random numbers.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _random_bits(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
     """int16 tensor of `shape`, each element uniform on [0, 2**15): 15 random bits, two elements per 32-bit draw."""
     n = math.prod(shape)
     words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_()  # uniform on [0, 2**31)
-    halves = words.view(torch.int16)[:n].view(shape)  # two 16-bit halves per word; the low 15 bits of each are uniform
-    return halves.bitwise_and_(2**_BITS - 1)
+    words.bitwise_and_(0x7FFF7FFF)  # keep the low 15 bits of each 16-bit half (in place, before the dtype view)
+    return words.view(torch.int16)[:n].view(shape)
 
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
@@ -60,11 +61,16 @@ def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torc
     return factor.mul_(1.0 / (1.0 - quantised_p(p)))
 
 
+def _stock(x: Tensor) -> bool:
+    """PyTorch's own dropout: off the CPU (fused Philox kernels) and under torch.compile (which fuses its own)."""
+    return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """`F.dropout(x, p, training)`, with the cheap mask on the CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or quantised_p(p) == 0.0:
+    if _stock(x) or not 0.0 < p < 1.0 or quantised_p(p) == 0.0:
         return F.dropout(x, p, training)
     return x * scaled_keep_mask(tuple(x.shape), p, x.dtype, x.device)
 
@@ -92,7 +98,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: f
     q, k, v (B, heads, T, D); mask boolean, True where attention is allowed, or None -> (B, heads, T, D).
     """
     p = dropout_p if training else 0.0
-    if q.device.type != "cpu" or quantised_p(p) == 0.0 or p >= 1.0:
+    if _stock(q) or quantised_p(p) == 0.0 or p >= 1.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     scores = torch.matmul(q, k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1])))  # (B, heads, T_q, T_k)
     if mask is not None:  # added, not filled in: the backward pass then has nothing to do for it

@@ -139,8 +139,8 @@ def test_bf16_autocast_runs_on_the_cpu(data, tmp_path):
 
 @pytest.mark.slow
 def test_compile_trains_like_eager_and_with_dropout(data, tmp_path):
-    """--compile: without dropout the loss curve follows eager mode's; with dropout (the CPU masks of dropout.py
-    inside the compiled graph) it trains and its exported model loads."""
+    """--compile: without dropout the loss curve follows eager mode's; with dropout (the compiler's own random
+    kernels replace dropout.py's CPU masks inside the graph) it trains and exports its model."""
     fast = FAST | dict(max_steps=4)
     eager = pretrain(PretrainConfig(data=data, out=tmp_path / "eager", **fast))
     compiled = pretrain(PretrainConfig(data=data, out=tmp_path / "compiled", compile=True, **fast))
