@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         test = predict(out, conll_test, out / "test_predictions.conll")
         return {**scores, "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"]}
 
-    tasks = [("sst2", sst2, "accuracy"), ("sst2small-samesteps", sst2small, "accuracy"), ("conll", conll, "f1")]
-    for prefix, run, key in tasks if args.sst2_small else [tasks[0], tasks[2]]:
+    tasks = [("sst2", sst2, "accuracy"), ("conll", conll, "f1")]
+    if args.sst2_small:
+        tasks.insert(1, ("sst2small-samesteps", sst2small, "accuracy"))
+    for prefix, run, key in tasks:
         for init in models:
             for lr in lrs:  # the learning rate is chosen on the first seed's dev score
                 results.stage(f"{prefix}/{init}/lr{lr:g}/seed{seeds[0]}", lambda: run(init, lr, seeds[0]))

@@ -28,9 +28,14 @@ from torch import Tensor, nn
 _BITS = 15  # random bits per element; two elements per 32-bit draw (bit 31 of a non-negative int32 is always 0)
 
 
+def _threshold(p: float) -> int:
+    """Elements whose 15 random bits are below this are dropped."""
+    return round(p * 2**_BITS)
+
+
 def quantised_p(p: float) -> float:
     """The drop probability the CPU mask realises: p rounded to a multiple of 2**-15."""
-    return round(p * 2**_BITS) / 2**_BITS
+    return _threshold(p) / 2**_BITS
 
 
 def _random_bits(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
@@ -43,7 +48,7 @@ def _random_bits(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
     """Boolean tensor of `shape`, each element independently True with probability 1 - quantised_p(p)."""
-    return _random_bits(shape, device) >= round(p * 2**_BITS)
+    return _random_bits(shape, device) >= _threshold(p)
 
 
 def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torch.float32,
@@ -55,7 +60,7 @@ def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torc
     the comparison runs in place on the converted bits (15-bit integers are exact there): 7.6 ms instead of 13 for
     the attention probabilities above.
     """
-    bits, threshold = _random_bits(shape, device), round(p * 2**_BITS)
+    bits, threshold = _random_bits(shape, device), _threshold(p)
     exact = dtype in (torch.float32, torch.float64)
     factor = bits.to(dtype).ge_(threshold) if exact else (bits >= threshold).to(dtype)
     return factor.mul_(1.0 / (1.0 - quantised_p(p)))
