@@ -147,7 +147,7 @@ def test_compile_trains_like_eager_and_with_dropout(data, tmp_path):
     assert compiled.step == eager.step == 4
     expected, got = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
     assert [s for s, _ in got] == [s for s, _ in expected]
-    assert got == pytest.approx(expected, rel=1e-3)
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-3)
     dropped = pretrain(PretrainConfig(data=data, out=tmp_path / "dropout", compile=True, **(fast | dict(dropout=0.1))))
     losses = [loss for _, loss in _train_losses(tmp_path / "dropout")]
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
