@@ -351,8 +351,10 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, batch_size: int = 64,
-            device: str = "auto") -> dict[str, Any]:
+            device: str = "auto", text_columns: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Predict `input_file` (same format as training; labels optional) with a fine-tuned folder (DIR or DIR/model).
+
+    `text_columns` (classify) names the input's text column(s) when they differ from the training file's.
 
     Writes `out_file` in the task's prediction format; returns the metrics when the input has labels, else {}.
     """
@@ -364,6 +366,10 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     record = json.loads(record_path.read_text(encoding="utf-8"))
     options = record["options"]
     options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
+    if text_columns:
+        if record["task"] != "classify":
+            raise BertforgeError("--text-columns applies to classify models only")
+        options["text_columns"] = tuple(text_columns)
     task_class = TASKS[record["task"]]
     task = task_class(TaskOptions(**options), **record["state"])
     torch_device = distributed.resolve_device(device)
@@ -376,8 +382,11 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     features = task.featurize(examples, tokenizer, record["max_seq_len"], train=False)
     outputs = run_model(model, features, pad_id=tokenizer.pad_id, batch_size=batch_size, device=torch_device)
     evaluation = task.evaluate(examples, features, outputs, labelled=labelled)
-    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    task.write_predictions(examples, evaluation, Path(out_file))
+    out_path = Path(out_file)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")  # never a half-written file under the real name
+    task.write_predictions(examples, evaluation, partial)
+    os.replace(partial, out_path)
     return _numeric(evaluation.metrics)
 
 

@@ -260,6 +260,24 @@ def test_cli_finetune_then_predict(models, tmp_path, capsys):
     assert code == 0
     rows = (tmp_path / "pred.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["sentence1", "sentence2", "label", "prediction"] and len(rows) == 33
+    # another header for the same pairs: name the columns; the predictions are the same
+    renamed = tmp_path / "renamed.tsv"
+    lines = train.read_text(encoding="utf-8-sig").splitlines()
+    cells = [line.split("\t") for line in lines]
+    renamed.write_text("\n".join(["id\tfirst\tsecond"] + [f"{k}\t{c[3]}\t{c[4]}" for k, c in enumerate(cells[1:])])
+                       + "\n", encoding="utf-8")
+    code, err = run_cli(capsys, "predict", "--model", str(out), "--input", str(renamed), "--out", str(tmp_path / "r.tsv"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--text-columns" in err
+    code, _ = run_cli(capsys, "predict", "--model", str(out), "--input", str(renamed), "--out", str(tmp_path / "r.tsv"),
+                      "--text-columns", "first,second")
+    assert code == 0
+    again = (tmp_path / "r.tsv").read_text().splitlines()
+    assert again[0] == "index\tsentence1\tsentence2\tprediction" and again[1].startswith("0\t")
+    assert [r.split("\t")[-1] for r in again[1:]] == [r.split("\t")[-1] for r in rows[1:]]
+    single = tmp_path / "single.tsv"
+    single.write_text("sentence\nan unlabelled sentence\n", encoding="utf-8")
+    code, err = run_cli(capsys, "predict", "--model", str(out), "--input", str(single), "--out", str(tmp_path / "s.tsv"))
+    assert code == 2 and "fine-tuned on sentence pairs" in err and not (tmp_path / "s.tsv").exists()
     code, err = run_cli(capsys, "finetune", "classify", "--model", str(models["en"]), "--train", str(train),
                         "--dev", str(train), "--out", str(out), "--epochs", "1")
     assert code == 2 and "--overwrite" in err                            # an earlier run is never clobbered

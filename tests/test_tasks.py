@@ -10,7 +10,7 @@ import pytest
 from bertforge.errors import BertforgeError
 from bertforge.metrics import cmrc_exact, normalize_answer
 from bertforge.tasks import TASKS, TaskOptions
-from bertforge.tasks.base import IGNORE_INDEX, collate_features
+from bertforge.tasks.base import IGNORE_INDEX, Evaluation, collate_features
 from bertforge.tasks.qa import detect_language
 from bertforge.tokenizer import load_tokenizer
 
@@ -114,6 +114,31 @@ def test_classify_bad_input(tmp_path):
         classify.read(write(tmp_path / "odd.tsv", "foo\tlabel\nx\t1\n"))
     with pytest.raises(BertforgeError, match="needs a number"):
         task("classify", regression=True).read(write(tmp_path / "r.tsv", "sentence\tlabel\nx\thigh\n"))
+
+
+def test_unlabelled_test_files_keep_their_index_and_text_count_is_checked(tmp_path):
+    # GLUE test files: `index` + text column(s), no label. A submission keys predictions on that index.
+    pairs = task("classify")
+    pairs.fit_labels(pairs.read(DATA / "glue" / "MRPC" / "train.tsv.gz"), Path("train"))
+    test = pairs.read(DATA / "glue" / "MRPC" / "test.tsv.gz", labelled=False)
+    assert len(test) == 1725 and test[0].id == "0" and test[-1].id == "1724" and test[0].label is None
+    out = tmp_path / "pred.tsv"
+    pairs.write_predictions(test[:3], Evaluation(["1", "0", "1"], {}), out)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "index\tsentence1\tsentence2\tprediction"
+    assert [line.split("\t")[0] for line in lines[1:]] == ["0", "1", "2"]
+    assert [line.split("\t")[-1] for line in lines[1:]] == ["1", "0", "1"]
+    # a pair model given single sentences (SST-2's test file) is an error, not silent nonsense
+    with pytest.raises(BertforgeError, match="fine-tuned on sentence pairs, but this file gives 1 text column"):
+        pairs.read(DATA / "glue" / "SST-2" / "test.tsv.gz", labelled=False)
+    restored = TASKS["classify"](TaskOptions(), **pairs.state())  # as `predict` rebuilds it from finetune.json
+    with pytest.raises(BertforgeError, match="sentence pairs"):
+        restored.read(DATA / "glue" / "SST-2" / "test.tsv.gz", labelled=False)
+    single = task("classify")
+    single.fit_labels(single.read(DATA / "glue" / "SST-2" / "dev.tsv.gz"), Path("dev"))
+    with pytest.raises(BertforgeError, match="fine-tuned on single sentences"):
+        single.read(DATA / "glue" / "MRPC" / "dev.tsv.gz")
+    assert TASKS["classify"](TaskOptions(), label_names=["0", "1"]).text_count is None  # folders from before
 
 
 # ----------------------------------------------------------------------------------------------------- ner

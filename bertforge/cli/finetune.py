@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", required=True, help="predictions file to write")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--text-columns", type=_names, default=None,
+                         help="classify: the input's text column(s), when its header differs from the training file's")
     predict.set_defaults(func=_predict)
 
 
@@ -103,7 +105,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise BertforgeError(f"--batch-size must be positive, got {args.batch_size}")
-    result = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    result = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
+                     text_columns=args.text_columns)
     if result:
         print(json.dumps(result, indent=1))
     print(f"predictions: {args.out}")

@@ -28,6 +28,7 @@ TEXT_COLUMN_GUESSES = (("sentence1", "sentence2"), ("#1 String", "#2 String"), (
                        ("question", "sentence"), ("premise", "hypothesis"), ("text_a", "text_b"),
                        ("sentence",), ("text_a",), ("text",), ("review",))
 LABEL_COLUMN_GUESSES = ("label", "Quality", "score", "gold_label")
+ID_COLUMN_GUESSES = ("index", "id", "idx", "guid")  # kept in the predictions file (GLUE submissions key on it)
 ALIASES = {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}
 
 
@@ -36,6 +37,7 @@ class ClassificationExample:
     texts: tuple[str, ...]   # one or two texts
     label: str | None        # as written in the file (class name or number); None when unlabelled
     line: int                # 1-based line (TSV/CSV/JSONL) for messages
+    id: str | None = None    # the row's index/id column, when the file has one
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -88,9 +90,11 @@ class ClassificationTask:
     default_max_seq_len = 128
     architecture = "BertForSequenceClassification"
 
-    def __init__(self, options: TaskOptions, label_names: list[str] | None = None) -> None:
+    def __init__(self, options: TaskOptions, label_names: list[str] | None = None,
+                 text_count: int | None = None) -> None:
         self.options = options
         self.label_names: list[str] = list(label_names or [])
+        self.text_count = text_count  # 1 (sentences) or 2 (pairs), fixed by the training file
 
     @property
     def num_labels(self) -> int:
@@ -109,6 +113,12 @@ class ClassificationTask:
                 raise BertforgeError(f"{path}: cannot tell the text column(s) from the header ({', '.join(header)}); "
                                      "pass --text-columns NAME or --text-columns NAME1,NAME2")
             text_columns = list(guess)
+        if self.text_count is not None and len(text_columns) != self.text_count:
+            kind = "sentence pairs" if self.text_count == 2 else "single sentences"
+            raise BertforgeError(f"{path}: the model was fine-tuned on {kind}, but this file gives "
+                                 f"{len(text_columns)} text column(s) ({', '.join(text_columns)}); "
+                                 "pass --text-columns to name the right ones")
+        id_column = next((c for c in ID_COLUMN_GUESSES if c in header and c not in text_columns), None)
         if self.options.label_column:
             label_column = (_resolve_column(self.options.label_column, header, path)
                             if labelled or self.options.label_column in header else None)
@@ -132,12 +142,14 @@ class ClassificationTask:
                 except ValueError:
                     raise BertforgeError(f"{path}:{number}: --regression needs a number in {label_column}, "
                                          f"got {label!r}") from None
-            examples.append(ClassificationExample(tuple(row[c] for c in text_columns), label, number))
+            examples.append(ClassificationExample(tuple(row[c] for c in text_columns), label, number,
+                                                  row.get(id_column) if id_column else None))
         return examples
 
     def fit_labels(self, train: list[ClassificationExample], path: Path) -> None:
         if not train:
             raise BertforgeError(f"{path}: the training file has no examples; give a file with a header and rows")
+        self.text_count = len(train[0].texts)
         if self.options.regression:
             return
         self.label_names = sorted_labels({e.label for e in train})
@@ -208,16 +220,20 @@ class ClassificationTask:
         return Evaluation(names, result)
 
     def write_predictions(self, examples: list[ClassificationExample], evaluation: Evaluation, path: Path) -> None:
-        """TSV with a header: the text column(s), the gold label when known, and the prediction."""
+        """TSV with a header: the input's index/id column when it has one, the text column(s), the gold label when
+        known, and the prediction."""
         width = max((len(e.texts) for e in examples), default=1)
         header = ["sentence"] if width == 1 else ["sentence1", "sentence2"]
         has_gold = any(e.label is not None for e in examples)
+        has_id = any(e.id is not None for e in examples)
         with open(path, "w", encoding="utf-8", newline="") as handle:
-            handle.write("\t".join(header + (["label"] if has_gold else []) + ["prediction"]) + "\n")
+            handle.write("\t".join((["index"] if has_id else []) + header + (["label"] if has_gold else [])
+                                   + ["prediction"]) + "\n")
             for example, prediction in zip(examples, evaluation.predictions):
-                cells = [t.replace("\t", " ").replace("\n", " ") for t in example.texts]
+                cells = [example.id or ""] if has_id else []
+                cells += [t.replace("\t", " ").replace("\n", " ") for t in example.texts]
                 cells += [example.label or ""] if has_gold else []
                 handle.write("\t".join(cells + [prediction]) + "\n")
 
     def state(self) -> dict[str, Any]:
-        return {"label_names": self.label_names}
+        return {"label_names": self.label_names, "text_count": self.text_count}
