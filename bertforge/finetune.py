@@ -75,6 +75,7 @@ class FinetuneConfig:
     text_columns: tuple[str, ...] | None = None
     label_column: str | None = None
     regression: bool = False
+    no_header: bool = False                     # classify: TSV/CSV without a header row (columns 0, 1, ...)
     doc_stride: int = 128
     max_query_len: int = 64
     max_answer_len: int = 30
@@ -102,11 +103,13 @@ class FinetuneConfig:
             raise BertforgeError("--seeds needs distinct integers, e.g. --seeds 1,2,3")
         if self.regression and self.task != "classify":
             raise BertforgeError("--regression applies to the classify task only")
+        if self.no_header and self.task != "classify":
+            raise BertforgeError("--no-header applies to the classify task only")
         self.task_options()  # validates the task options too
 
     def task_options(self) -> TaskOptions:
         return TaskOptions(text_columns=self.text_columns, label_column=self.label_column, regression=self.regression,
-                           doc_stride=self.doc_stride, max_query_len=self.max_query_len,
+                           no_header=self.no_header, doc_stride=self.doc_stride, max_query_len=self.max_query_len,
                            max_answer_len=self.max_answer_len, n_best=self.n_best, lang=self.lang)
 
     def to_dict(self) -> dict[str, Any]:
@@ -351,10 +354,12 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, batch_size: int = 64,
-            device: str = "auto", text_columns: tuple[str, ...] | None = None) -> dict[str, Any]:
+            device: str = "auto", text_columns: tuple[str, ...] | None = None,
+            no_header: bool | None = None) -> dict[str, Any]:
     """Predict `input_file` (same format as training; labels optional) with a fine-tuned folder (DIR or DIR/model).
 
-    `text_columns` (classify) names the input's text column(s) when they differ from the training file's.
+    `text_columns` (classify) names the input's text column(s) when they differ from the training file's;
+    `no_header` says whether the input has a header row (None: as the training file).
 
     Writes `out_file` in the task's prediction format; returns the metrics when the input has labels, else {}.
     """
@@ -366,10 +371,12 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     record = json.loads(record_path.read_text(encoding="utf-8"))
     options = record["options"]
     options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
+    if (text_columns or no_header is not None) and record["task"] != "classify":
+        raise BertforgeError("--text-columns, --header and --no-header apply to classify models only")
     if text_columns:
-        if record["task"] != "classify":
-            raise BertforgeError("--text-columns applies to classify models only")
         options["text_columns"] = tuple(text_columns)
+    if no_header is not None:
+        options["no_header"] = no_header
     task_class = TASKS[record["task"]]
     task = task_class(TaskOptions(**options), **record["state"])
     torch_device = distributed.resolve_device(device)

@@ -238,6 +238,8 @@ def test_cli_bad_input_is_one_line_exit_2(models, tmp_path, capsys):
          "--dropout must be in [0, 1)"),
         (["predict", "--model", str(models["en"]), "--input", str(good), "--out", str(tmp_path / "p.tsv")],
          "not a fine-tuned folder"),
+        (["finetune", "ner", "--epochs", "1", "--out", str(tmp_path / "out"), "--model", str(models["en"]),
+          "--train", str(good), "--dev", str(good), "--no-header"], "--no-header applies to the classify task"),
     ]
     for argv, expected in cases:
         code, err = run_cli(capsys, *argv)
@@ -274,6 +276,13 @@ def test_cli_finetune_then_predict(models, tmp_path, capsys):
     again = (tmp_path / "r.tsv").read_text().splitlines()
     assert again[0] == "index\tsentence1\tsentence2\tprediction" and again[1].startswith("0\t")
     assert [r.split("\t")[-1] for r in again[1:]] == [r.split("\t")[-1] for r in rows[1:]]
+    headerless = tmp_path / "headerless.tsv"  # the same pairs without a header row, as AFQMC/LCQMC ship them
+    headerless.write_text("\n".join(line.split("\t", 3)[3] for line in lines[1:]) + "\n", encoding="utf-8")
+    code, _ = run_cli(capsys, "predict", "--model", str(out), "--input", str(headerless), "--out",
+                      str(tmp_path / "h.tsv"), "--no-header")
+    assert code == 0
+    assert [r.split("\t")[-1] for r in (tmp_path / "h.tsv").read_text().splitlines()[1:]] == \
+        [r.split("\t")[-1] for r in rows[1:]]
     single = tmp_path / "single.tsv"
     single.write_text("sentence\nan unlabelled sentence\n", encoding="utf-8")
     code, err = run_cli(capsys, "predict", "--model", str(out), "--input", str(single), "--out", str(tmp_path / "s.tsv"))

@@ -141,6 +141,35 @@ def test_unlabelled_test_files_keep_their_index_and_text_count_is_checked(tmp_pa
     assert TASKS["classify"](TaskOptions(), label_names=["0", "1"]).text_count is None  # folders from before
 
 
+def test_headerless_tsv_afqmc_and_cola_style(tmp_path):
+    afqmc = DATA / "zh_tasks" / "afqmc"
+    with pytest.raises(BertforgeError, match="--no-header if that first line is data"):
+        task("classify").read(afqmc / "dev.txt.gz")                   # the first row is data, not names
+    pairs = task("classify", no_header=True)
+    train = pairs.read(afqmc / "dev.txt.gz")
+    assert len(train) == 4316 and train[0].line == 1                  # README: 4,316 rows, no header
+    assert train[0].texts == ("双十一花呗提额在哪", "里可以提花呗额度") and train[0].label == "0"
+    assert sum(e.label == "1" for e in train) == 1338
+    pairs.fit_labels(train, afqmc / "dev.txt.gz")
+    assert pairs.text_count == 2 and pairs.label_names == ["0", "1"]
+    # the CLUE JSON of the same rows (its own keys), and the unlabelled two-column test file
+    clue = pairs.read(afqmc / "clue_json" / "dev.json.gz")
+    assert [e.texts for e in clue[:50]] == [e.texts for e in train[:50]] and clue[7].id == "7"
+    test = pairs.read(afqmc / "test.txt.gz", labelled=False)
+    assert len(test) == 3861 and all(e.label is None and len(e.texts) == 2 for e in test)
+    # CoLA-style: source, label, original label, sentence; columns by number
+    cola = write(tmp_path / "cola.tsv", "gj04\t1\t\tOur friends won't buy this analysis.\n"
+                                        "gj04\t0\t*\tThey drank the pub.\n")
+    single = task("classify", no_header=True, text_columns=("3",), label_column="1")
+    assert [(e.texts, e.label) for e in single.read(cola)] == [(("Our friends won't buy this analysis.",), "1"),
+                                                              (("They drank the pub.",), "0")]
+    with pytest.raises(BertforgeError, match="4 columns and no header; pass --text-columns"):
+        task("classify", no_header=True).read(cola)
+    ragged = write(tmp_path / "ragged.tsv", "a\tb\t1\nc\t0\n")
+    with pytest.raises(BertforgeError, match="ragged.tsv:2: expected 3 columns"):
+        task("classify", no_header=True).read(ragged)
+
+
 # ----------------------------------------------------------------------------------------------------- ner
 
 def test_conll2003_reader(en_tokenizer):

@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="classify: NAME or NAME1,NAME2 (default: detected from the header)")
     parser.add_argument("--label-column", default=None, help="classify: label column (default: detected)")
     parser.add_argument("--regression", action="store_true", help="classify: real-valued target (Pearson/Spearman)")
+    parser.add_argument("--no-header", action="store_true",
+                        help="classify: TSV/CSV files without a header row; columns are numbered from 0 and by "
+                             "default the text(s) come first, the label last (AFQMC/LCQMC-style TSV, CoLA)")
     parser.add_argument("--doc-stride", type=int, default=128, help="qa: tokens between window starts")
     parser.add_argument("--max-query-len", type=int, default=64, help="qa: question tokens kept")
     parser.add_argument("--max-answer-len", type=int, default=30, help="qa: longest answer in tokens")
@@ -74,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--text-columns", type=_names, default=None,
                          help="classify: the input's text column(s), when its header differs from the training file's")
+    header = predict.add_mutually_exclusive_group()
+    header.add_argument("--no-header", dest="no_header", action="store_const", const=True, default=None,
+                        help="classify: the input has no header row (default: as the training file)")
+    header.add_argument("--header", dest="no_header", action="store_const", const=False,
+                        help="classify: the input has a header row, though the training file had none")
     predict.set_defaults(func=_predict)
 
 
@@ -87,6 +95,7 @@ def _finetune(args: argparse.Namespace) -> int:
         seed=args.seed, seeds=args.seeds, max_train_examples=args.max_train_examples,
         length_bucketing=args.length_bucketing, precision=args.precision, device=args.device, dropout=args.dropout,
         text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
+        no_header=args.no_header,
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
         n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
     summary = finetune(config)
@@ -106,7 +115,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise BertforgeError(f"--batch-size must be positive, got {args.batch_size}")
     result = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                     text_columns=args.text_columns)
+                     text_columns=args.text_columns, no_header=args.no_header)
     if result:
         print(json.dumps(result, indent=1))
     print(f"predictions: {args.out}")

@@ -31,6 +31,7 @@ class TaskOptions:
     text_columns: tuple[str, ...] | None = None  # classify: None = detect from the header
     label_column: str | None = None              # classify: None = detect from the header
     regression: bool = False                     # classify: real-valued target (STS-B style)
+    no_header: bool = False                      # classify: TSV/CSV without a header row; columns named 0, 1, ...
     doc_stride: int = 128                        # qa: tokens between window starts
     max_query_len: int = 64                      # qa: question tokens kept
     max_answer_len: int = 30                     # qa: longest answer span, in tokens

@@ -3,7 +3,9 @@
 Input is `[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` with segment ids 0 for `[CLS] A [SEP]` and 1 for `B [SEP]`,
 as in pre-training; the head is dropout + linear on the pooled `[CLS]`. TSV files are read as GLUE ships them:
 a header row, tabs only, no quoting (SST-2 sentences contain bare quotes), an optional UTF-8 BOM (MRPC). MRPC's
-column names (`Quality`, `#1 String`, `#2 String`) answer to `label`, `sentence1`, `sentence2`.
+column names (`Quality`, `#1 String`, `#2 String`) answer to `label`, `sentence1`, `sentence2`. Files without a
+header row (`--no-header`: CoLA, LCQMC-style `text_a<TAB>text_b<TAB>label` such as AFQMC's TSV) name their
+columns 0, 1, ...; by default the text(s) come first and the label last.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ class ClassificationExample:
     id: str | None = None    # the row's index/id column, when the file has one
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    """Header and (line number, row) pairs from TSV / CSV / JSONL; wrong column counts are an error."""
+def _read_rows(path: Path, no_header: bool = False) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """Header and (line number, row) pairs from TSV / CSV / JSONL; wrong column counts are an error.
+
+    With `no_header` the first row is data and the columns are named "0", "1", ... (as many as it has).
+    """
     suffix = base_suffix(path)
     rows: list[tuple[int, dict[str, Any]]] = []
     with open_text(path) as handle:
@@ -64,13 +69,17 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]
         else:  # .tsv, .txt: GLUE style, no quoting
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None) or []
+        if no_header and header:
+            rows.append((reader.line_num, {str(k): cell for k, cell in enumerate(header)}))
+            header = [str(k) for k in range(len(header))]
         for cells in reader:
             number = reader.line_num
             if not any(cell.strip() for cell in cells):
                 continue
             if len(cells) != len(header):
-                raise BertforgeError(f"{path}:{number}: expected {len(header)} columns as in the header "
-                                     f"({', '.join(header)}), found {len(cells)}; fix that line")
+                like = "the first row" if no_header else f"the header ({', '.join(header)})"
+                raise BertforgeError(f"{path}:{number}: expected {len(header)} columns as in {like}, "
+                                     f"found {len(cells)}; fix that line")
             rows.append((number, dict(zip(header, cells))))
     return header, rows
 
@@ -104,14 +113,22 @@ class ClassificationTask:
 
     def read(self, path: Path, *, labelled: bool = True) -> list[ClassificationExample]:
         path = Path(path)
-        header, rows = _read_rows(path)
+        headerless = self.options.no_header and base_suffix(path) not in (".jsonl", ".json")
+        header, rows = _read_rows(path, headerless)
         if self.options.text_columns:
             text_columns = [_resolve_column(c, header, path) for c in self.options.text_columns]
+        elif headerless:  # the text(s) first, then the label: as many texts as training had, else all but the last
+            count = self.text_count or len(header) - 1
+            if count not in (1, 2) or count > len(header):
+                raise BertforgeError(f"{path}: {len(header)} columns and no header; pass --text-columns (column "
+                                     "numbers from 0, e.g. --text-columns 0,1 --label-column 2)")
+            text_columns = header[:count]
         else:
             guess = next((g for g in TEXT_COLUMN_GUESSES if all(c in header for c in g)), None)
             if guess is None:
                 raise BertforgeError(f"{path}: cannot tell the text column(s) from the header ({', '.join(header)}); "
-                                     "pass --text-columns NAME or --text-columns NAME1,NAME2")
+                                     "pass --text-columns NAME or --text-columns NAME1,NAME2 (or --no-header if "
+                                     "that first line is data)")
             text_columns = list(guess)
         if self.text_count is not None and len(text_columns) != self.text_count:
             kind = "sentence pairs" if self.text_count == 2 else "single sentences"
@@ -122,6 +139,11 @@ class ClassificationTask:
         if self.options.label_column:
             label_column = (_resolve_column(self.options.label_column, header, path)
                             if labelled or self.options.label_column in header else None)
+        elif headerless:  # the last column that is not a text
+            label_column = next((c for c in reversed(header) if c not in text_columns), None)
+            if label_column is None and labelled:
+                raise BertforgeError(f"{path}: no label column among its {len(header)} columns (no header); "
+                                     "pass --label-column with its number from 0")
         else:
             label_column = next((c for c in LABEL_COLUMN_GUESSES if c in header), None)
             if label_column is None and labelled:
