@@ -54,6 +54,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; None on the others; [obj] at world size 1."""
+    if not (_active() and world_size() > 1):
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def seed_rank_stream(seed: int) -> None:
+    """Gives each rank its own torch random stream (dropout masks) derived from `seed`; a no-op at world size 1.
+
+    Call it after the weights are initialised: those come from `seed` alone and are the same on every rank.
+    """
+    if world_size() > 1:
+        torch.manual_seed(seed * 1_000_003 + rank())
+
+
 def launched_as_main() -> bool:
     """True unless a launcher started this process as a rank other than 0 (valid outside the process group too)."""
     return int(os.environ.get("RANK", "0")) == 0

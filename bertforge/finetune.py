@@ -210,6 +210,7 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
     model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len,
                                           config.dropout)
     model.to(device)
+    distributed.seed_rank_stream(seed)  # each rank its own dropout masks (the head was initialised from `seed`)
     if config.length_bucketing:
         dataset: list = _bucketed(train_features, config.batch_size, seed)
         loader = loop.StepLoader(dataset, lambda items: collate_features(items[0], tokenizer.pad_id),

@@ -226,10 +226,14 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
     def save(at_step: int) -> Path:
         if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer: every rank sends its shard
             optimizer.consolidate_state_dict(to=0)
+        rng_states = distributed.gather_to_main(checkpoint.rng_state())  # every rank's own dropout stream
 
         def write() -> Path:  # rank 0 only; a failure (disk full) stops every rank with its message
+            assert rng_states is not None
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
+                     "scaler": scaler.state_dict(), "rng": rng_states[0]}
+            if len(rng_states) > 1:
+                state["rng_ranks"] = rng_states
             meta = {**loader.state_dict(), "world_size": distributed.world_size(),
                     "global_batch": loader.instances_per_step, **meta_extra}
             path = checkpoint.save_checkpoint(run_dir, at_step, model=raw_model, state=state, meta=meta)
@@ -244,8 +248,12 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if data_position:
-            checkpoint.set_rng_state(state["rng"])
+        if data_position:  # each rank resumes its own random stream; after a world-size change only rank 0 can
+            ranks = state.get("rng_ranks", [state["rng"]])  # (the others keep the fresh streams they were given)
+            if len(ranks) == distributed.world_size():
+                checkpoint.set_rng_state(ranks[distributed.rank()])
+            elif distributed.is_main():
+                checkpoint.set_rng_state(state["rng"])
             loader.load_state_dict(meta)
         return int(meta["step"])
 

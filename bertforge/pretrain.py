@@ -431,8 +431,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     check_memory(model, model_config, batch_size=config.batch_size, seq_len=max(d.max_seq_len for d in datas),
                  predictions=max(d.max_predictions for d in datas), precision=config.precision, device=device)
     model.to(device)
-    if distributed.world_size() > 1:  # each rank its own dropout stream (the weights came from `seed` alone)
-        torch.manual_seed(config.seed * 1_000_003 + distributed.rank())
+    distributed.seed_rank_stream(config.seed)  # each rank its own dropout masks
     parts = [PretrainDataset(d.split("train"), dynamic_masking=config.dynamic_masking, seed=config.seed)
              for d in datas]
     dataset = parts[0] if len(parts) == 1 else ConcatenatedData(parts)

@@ -161,6 +161,22 @@ def test_a_one_process_run_resumes_on_two_processes(data, one_process, tmp_path)
     assert meta(run)["instances"] == STEPS * 8 and meta(run)["world_size"] == 2
 
 
+def test_with_dropout_each_rank_resumes_its_own_random_stream(data, tmp_path):
+    """Dropout on: every rank draws its own masks, and a resumed run continues each rank's stream exactly."""
+    flags = [f if f != "0" or FLAGS[i - 1] != "--dropout" else "0.1" for i, f in enumerate(FLAGS)]
+    full = tmp_path / "full"
+    done = torchrun("pretrain", "--data", str(data), "--out", str(full), "--batch-size", "4", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(checkpoint_dir(full, 6) / "optimizer.pt", weights_only=True)
+    streams = [rank_state["torch"] for rank_state in state["rng_ranks"]]
+    assert len(streams) == 2 and not torch.equal(streams[0], streams[1])
+    run = cut_back(full, tmp_path / "RUN", 6)
+    done = torchrun("pretrain", "--data", str(data), "--out", str(run), "--resume", "--batch-size", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, losses = step_losses(full), step_losses(run)
+    assert [losses[step] for step in range(7, STEPS + 1)] == [reference[step] for step in range(7, STEPS + 1)]
+
+
 def test_zero1_shards_the_optimizer_with_the_same_updates_and_resumes_on_one_process(data, one_process, tmp_path):
     run = tmp_path / "RUN"
     done = torchrun("pretrain", "--data", str(data), "--out", str(run), "--batch-size", "4", "--zero1", *FLAGS)
