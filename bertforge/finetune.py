@@ -6,10 +6,12 @@ best epoch, export it, and predict with it later.
     DIR/metrics.json            best-epoch dev metrics (mean over seeds, `*_std` when several), best_epoch, history
     DIR/dev_predictions.*       the exported model's dev predictions (.tsv classify, .conll ner, .json qa)
     DIR/curves.png              train loss and dev metric per epoch, every seed
-    DIR/runs/seed_S/            metrics.jsonl (+ curves.png) of each seed, as pre-training writes them
+    DIR/runs/seed_S/            metrics.jsonl (+ curves.png) of each seed, as pre-training writes them, and what
+                                `--resume` continues from (see bertforge.finetune_progress)
 
-Training runs `bertforge.loop.train` with one evaluation per epoch (`eval_every` = steps per epoch); the
-evaluation function scores the dev set and keeps a CPU copy of the best weights so far.
+Training runs `bertforge.loop.train` with one evaluation per epoch (`eval_every` = steps per epoch) and a
+checkpoint every `save_every` steps (every epoch when epochs are shorter); the evaluation function scores the dev set and keeps
+the best weights so far (in memory and in runs/seed_S/best.safetensors).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertforge import distributed, heads, hf, loop, optim
+from bertforge import checkpoint, distributed, heads, hf, loop, optim
+from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
 from bertforge.tasks import TASKS, TaskOptions
@@ -81,12 +84,16 @@ class FinetuneConfig:
     max_answer_len: int = 30
     n_best: int = 20
     lang: str | None = None
+    save_every: int = 500                       # steps between checkpoints (also one at each epoch's end)
+    resume: bool = False                        # continue an interrupted run in `out`
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise BertforgeError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        if self.resume and self.overwrite:
+            raise BertforgeError("--resume and --overwrite contradict each other; pass one")
+        for name in ("epochs", "batch_size", "eval_batch_size", "save_every"):
             if getattr(self, name) <= 0:
                 raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 8:
@@ -187,30 +194,45 @@ def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path],
     figure.savefig(out_png, format="png")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a finished run (metrics.json is written last) unless --overwrite; clear an interrupted run's leftovers."""
-    present = [name for name in OUTPUTS if (out / name).exists()]
-    if (out / "metrics.json").exists() and not overwrite:
-        raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass --overwrite "
-                             "or choose another --out")
-    if present and not (out / "metrics.json").exists():
-        print(f"bertforge: {out} holds what an interrupted run left ({', '.join(present)}); starting again",
-              file=sys.stderr)
-    for name in present:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _evaluate_state(model: nn.Module, state: dict[str, torch.Tensor],
+                    evaluate: Callable[[nn.Module], Evaluation]) -> Evaluation:
+    """The dev evaluation of `state`, loaded into `model` (left in training mode with those weights)."""
+    model.load_state_dict(state)
+    model.eval()
+    evaluation = evaluate(model)
+    model.train()
+    return evaluation
 
 
 def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features: list[Feature],
                     evaluate: Callable[[nn.Module], Evaluation], device: torch.device, run_dir: Path,
                     max_seq_len: int) -> dict[str, Any]:
-    """One seed: fresh head, the shared loop with one evaluation per epoch; returns best epoch, weights, history."""
+    """One seed: fresh head, the shared loop with one evaluation per epoch; returns best epoch, weights, history.
+
+    With `config.resume`, a finished seed is only re-evaluated from its best weights, and an unfinished one
+    continues from its newest checkpoint with the history and best epoch it had reached by then.
+    """
     torch.manual_seed(seed)
     model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len,
                                           config.dropout)
     model.to(device)
     distributed.seed_rank_stream(seed)  # each rank its own dropout masks (the head was initialised from `seed`)
+    saved = progress.read_progress(run_dir) if config.resume else None
+    best: dict[str, Any] = {"score": -math.inf}
+    history: list[dict[str, Any]] = []
+    if saved is not None and saved["finished"]:
+        state = progress.load_best(run_dir)
+        evaluation = _evaluate_state(model, state, evaluate)
+        best.update(saved["best"], evaluation=evaluation, state=state)
+        return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best,
+                "history": saved["history"], "stop_reason": saved["stop_reason"]}
+    resume_from = checkpoint.latest_complete_checkpoint(run_dir) if config.resume else None
+    start_step = int(resume_from.name.split("_")[1]) if resume_from is not None else 0
+    if saved is not None and resume_from is not None:  # what was evaluated up to the checkpoint
+        history = [h for h in saved["history"] if h["step"] <= start_step]
+        if saved["best"] is not None and saved["best"]["step"] <= start_step:
+            state = progress.load_best(run_dir)
+            best.update(saved["best"], evaluation=_evaluate_state(model, state, evaluate), state=state)
     if config.length_bucketing:
         dataset: list = _bucketed(train_features, config.batch_size, seed)
         loader = loop.StepLoader(dataset, lambda items: collate_features(items[0], tokenizer.pad_id),
@@ -225,17 +247,25 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
     scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
                                       total_steps=total_steps)
     main = MAIN_METRIC["regression" if config.regression else config.task]
-    best: dict[str, Any] = {"score": -math.inf}
-    history: list[dict[str, Any]] = []
+    if resume_from is not None and distributed.is_main():
+        print(f"bertforge: seed {seed}: resuming from {resume_from} (step {start_step} of {total_steps})",
+              file=sys.stderr)
+
+    def summary_of_best() -> dict[str, Any] | None:
+        return {k: best[k] for k in ("epoch", "step", "score")} if "state" in best else None
 
     def evaluate_fn(current: nn.Module) -> dict[str, float]:
         evaluation = evaluate(current)
         epoch = len(history) + 1
-        history.append({"epoch": epoch, "step": epoch * steps_per_epoch, "metrics": evaluation.metrics})
+        history.append({"epoch": epoch, "step": epoch * steps_per_epoch, "metrics": _numeric(evaluation.metrics)})
         score = evaluation.metrics.get(main, -math.inf)
         if score > best["score"]:  # first epoch wins ties: fewer updates for the same dev score
-            best.update(score=score, epoch=epoch, evaluation=evaluation,
+            best.update(score=score, epoch=epoch, step=epoch * steps_per_epoch, evaluation=evaluation,
                         state={k: v.detach().cpu().clone() for k, v in current.state_dict().items()})
+            if distributed.is_main():
+                progress.save_best(run_dir, best["state"])
+        if distributed.is_main():
+            progress.write_progress(run_dir, history, summary_of_best())
         return {"epoch": epoch, **_numeric(evaluation.metrics)}
 
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
@@ -243,8 +273,11 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
         return loss, {"tokens": batch["attention_mask"].sum().float()}
 
-    monitor = Monitor(run_dir, total_steps=total_steps, desc=f"finetune {config.task} (seed {seed})",
-                      enabled=distributed.is_main())
+    # A checkpoint every `save_every` steps, or at every epoch's end when epochs are shorter. A resumed run
+    # replays from there, evaluations included (those after the checkpoint were dropped from `history` above).
+    save_every = min(config.save_every, steps_per_epoch)
+    monitor = Monitor(run_dir, total_steps=total_steps, start_step=start_step,
+                      desc=f"finetune {config.task} (seed {seed})", enabled=distributed.is_main())
     try:
         result = loop.train(
             distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler, loader=loader,
@@ -252,14 +285,17 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
             metrics_fn=lambda stats, steps: {}, evaluate_fn=evaluate_fn, monitor=monitor, run_dir=run_dir,
             config=loop.LoopConfig(max_steps=total_steps, precision=config.precision,
                                    log_every=max(1, steps_per_epoch // 10), eval_every=steps_per_epoch,
-                                   keep_last=1),
-            device=device)
+                                   save_every=save_every, keep_last=1),
+            device=device, resume_from=resume_from)
     finally:
         monitor.close()
+    stopped = result.stop_reason == "signal"
     if "state" not in best:
-        raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) before the first evaluation; "
-                             "nothing to export")
-    if distributed.is_main():  # the last step, not the best: not worth its disk
+        hint = "; continue it with --resume" if stopped else ""
+        raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) at step {result.step} before the first "
+                             f"evaluation; nothing to export{hint}")
+    if distributed.is_main() and not stopped:  # finished: the checkpoints are not worth their disk any more
+        progress.write_progress(run_dir, history, summary_of_best(), finished=True, stop_reason=result.stop_reason)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     model.load_state_dict(best["state"])
     return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best, "history": history,
@@ -292,7 +328,9 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     device = distributed.resolve_device(config.device)
     # Checks the folder (vocabulary, position table) before any output is written.
     _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
-    distributed.main_first(lambda: _prepare_out(out, config.overwrite))
+    record = progress.run_record(config)
+    distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
+                                                        overwrite=config.overwrite, outputs=OUTPUTS))
     for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")
     train_features = task.featurize(train_examples, tokenizer, max_seq_len, train=True)

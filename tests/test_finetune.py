@@ -290,3 +290,66 @@ def test_cli_finetune_then_predict(models, tmp_path, capsys):
     code, err = run_cli(capsys, "finetune", "classify", "--model", str(models["en"]), "--train", str(train),
                         "--dev", str(train), "--out", str(out), "--epochs", "1")
     assert code == 2 and "--overwrite" in err                            # an earlier run is never clobbered
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(models, tmp_path, monkeypatch):
+    """SIGTERM in the second seed's second epoch, then --resume: the same metrics, history and weights as a run
+    never interrupted (dropout on, so the random streams must be restored too); the settings must not change."""
+    import importlib
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from bertforge.errors import BertforgeError
+    module = importlib.import_module("bertforge.finetune")  # the module (the package exports the function)
+
+    train = head_lines(DATA / "glue" / "SST-2" / "train.tsv.gz", tmp_path / "train.tsv", 65)
+    dev = head_lines(DATA / "glue" / "SST-2" / "dev.tsv.gz", tmp_path / "dev.tsv", 33)
+
+    def config(out: str, **changes) -> FinetuneConfig:
+        settings = dict(task="classify", model=str(models["en"]), train=str(train), dev=str(dev), out=str(tmp_path / out),
+                        epochs=3, lr=1e-3, batch_size=8, max_seq_len=32, seeds=(1, 2), save_every=3)
+        return FinetuneConfig(**{**settings, **changes})
+
+    reference = finetune(config("ref"))
+    calls = {"n": 0}
+    collate = module.collate_features
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 27 + 12:  # seed 1: 24 steps + 3 dev batches; then 12 steps into seed 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "collate_features", interrupting)
+    stopped = finetune(config("run"))
+    monkeypatch.setattr(module, "collate_features", collate)
+    assert [r["stop_reason"] for r in stopped["per_seed"]] == ["max_steps", "signal"]
+    saved_at = max(int(d.name.split("_")[1]) for d in (tmp_path / "run" / "runs" / "seed_2" / "checkpoints").iterdir())
+    assert 8 < saved_at < 16                                             # in the second epoch
+    with pytest.raises(BertforgeError, match="stopped early .*; pass --resume to continue it"):
+        finetune(config("run"))
+    with pytest.raises(BertforgeError, match="lr was 0.001, now 0.0003"):
+        finetune(config("run", lr=3e-4, resume=True))
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "collate_features", counting)
+    resumed = finetune(config("run", resume=True))
+    monkeypatch.setattr(module, "collate_features", collate)
+    # seed 1 re-evaluated once; seed 2: its best (epoch 1) re-evaluated, the steps after the checkpoint, the
+    # evaluations of epochs 2 and 3 (a restart of seed 2 would be 27 calls)
+    assert counted["n"] == 1 + 1 + (24 - saved_at) + 2
+    for key in ("accuracy", "accuracy_std", "mcc", "best_epoch", "exported_seed", "history"):
+        assert resumed[key] == reference[key], key
+    assert [r["stop_reason"] for r in resumed["per_seed"]] == ["max_steps", "max_steps"]
+    ours, theirs = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("run", "ref"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert not (tmp_path / "run" / "runs" / "seed_2" / "checkpoints").exists()  # finished: checkpoints removed
+    with pytest.raises(BertforgeError, match="is finished"):
+        finetune(config("run", resume=True))

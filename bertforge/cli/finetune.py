@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from bertforge.errors import BertforgeError
 
@@ -64,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-best", type=int, default=20, help="qa: start/end candidates per window")
     parser.add_argument("--lang", choices=("en", "zh"), default=None,
                         help="qa: metrics language (en: SQuAD, zh: CMRC 2018); default: detected")
+    parser.add_argument("--save-every", type=int, default=500,
+                        help="steps between checkpoints (every epoch when epochs are shorter) (default: 500)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out (same command and files; finished seeds are "
+                             "kept, the others continue from their newest checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     parser.set_defaults(func=_finetune)
 
@@ -97,7 +104,8 @@ def _finetune(args: argparse.Namespace) -> int:
         text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
         no_header=args.no_header,
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
-        n_best=args.n_best, lang=args.lang, overwrite=args.overwrite)
+        n_best=args.n_best, lang=args.lang, save_every=args.save_every, resume=args.resume,
+        overwrite=args.overwrite)
     summary = finetune(config)
     from bertforge import distributed
 
@@ -106,6 +114,10 @@ def _finetune(args: argparse.Namespace) -> int:
     shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(json.dumps(shown, indent=1))
     print(f"model: {args.out}/model  metrics: {args.out}/metrics.json  curves: {args.out}/curves.png")
+    if any(run["stop_reason"] == "signal" for run in summary.get("per_seed", [])):
+        again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+        print("bertforge: stopped early; the best epoch so far is exported. Continue with: bertforge "
+              + " ".join(shlex.quote(a) for a in again), file=sys.stderr)
     return 0
 
 

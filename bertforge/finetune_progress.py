@@ -1,0 +1,133 @@
+"""What a fine-tuning run keeps on disk so that an interrupted one continues instead of starting again.
+
+    DIR/runs/config.json            the settings that define the run, and the sha256 of its train and dev files
+    DIR/runs/seed_S/progress.json   per-epoch dev metrics so far, the best epoch, whether the seed finished
+    DIR/runs/seed_S/best.safetensors  the best epoch's weights so far
+    DIR/runs/seed_S/checkpoints/    the shared loop's checkpoints (removed once the seed finishes)
+
+`--resume` continues every unfinished seed from its newest checkpoint (finished seeds are only re-evaluated);
+without it, a folder holding an interrupted run is refused rather than overwritten, so nothing trained is lost.
+Every file here is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bertforge import checkpoint
+from bertforge.errors import BertforgeError
+
+RECORD_FILE = "config.json"       # under DIR/runs/
+PROGRESS_FILE = "progress.json"   # under DIR/runs/seed_S/
+BEST_FILE = "best.safetensors"    # under DIR/runs/seed_S/
+# Settings that may change on --resume: where it runs and how often it saves, not what it trains.
+NOT_DEFINING = ("out", "resume", "overwrite", "device", "eval_batch_size", "save_every")
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / "runs" / f"seed_{seed}"
+
+
+def run_record(config: Any) -> dict[str, Any]:
+    """The run-defining settings of a FinetuneConfig, with the content hashes of its train and dev files."""
+    record = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_DEFINING}
+    record["seeds"] = list(config.seeds or (config.seed,))
+    record["train_sha256"] = checkpoint.sha256_file(Path(config.train))
+    record["dev_sha256"] = checkpoint.sha256_file(Path(config.dev))
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back from disk
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / PROGRESS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_progress(run_dir: Path, history: list[dict[str, Any]], best: dict[str, Any] | None, *,
+                   finished: bool = False, stop_reason: str | None = None) -> None:
+    """history: [{epoch, step, metrics}], metrics numeric; best: {epoch, step, score} or None."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / PROGRESS_FILE, {"history": history, "best": best, "finished": finished,
+                                          "stop_reason": stop_reason})
+
+
+def save_best(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (BEST_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, run_dir / BEST_FILE)
+
+
+def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / BEST_FILE))
+
+
+def _unfinished(out: Path, seeds: list[int]) -> list[int]:
+    return [s for s in seeds if not (read_progress(seed_dir(out, s)) or {}).get("finished")]
+
+
+def _has_progress(out: Path, seeds: list[int]) -> bool:
+    """Whether any seed finished, kept a best epoch or wrote a checkpoint: work --overwrite would throw away."""
+    for seed in seeds:
+        run_dir = seed_dir(out, seed)
+        if (run_dir / BEST_FILE).is_file() or checkpoint.latest_complete_checkpoint(run_dir) is not None:
+            return True
+    return False
+
+
+def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool, outputs: tuple[str, ...]) -> None:
+    """Rank 0's checks of DIR before any work. Refuses a finished run (unless --overwrite) and an interrupted one
+    (unless --resume or --overwrite); on --resume checks the settings are unchanged; otherwise clears what an
+    interrupted run left before its first checkpoint and records the settings of this run."""
+    saved_path = out / "runs" / RECORD_FILE
+    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
+    seeds = record["seeds"]
+    if resume:
+        if saved is None:
+            raise BertforgeError(f"{out} holds no fine-tuning run to resume (runs/{RECORD_FILE} missing); start it "
+                                 "without --resume")
+        changed = [k for k in record if saved.get(k) != record[k]]
+        if changed:
+            name = changed[0]
+            what = ("its content changed since the run started" if name.endswith("_sha256")
+                    else f"was {saved.get(name)!r}, now {record[name]!r}")
+            raise BertforgeError(f"--resume continues {out} unchanged, but {name.replace('_sha256', ' file')} "
+                                 f"{what}; pass --overwrite to start a new run instead")
+        if not _unfinished(out, seeds):
+            raise BertforgeError(f"{out} is finished (every seed ran to its last epoch); nothing to resume")
+        return
+    present = [name for name in outputs if (out / name).exists()]
+    interrupted = saved is not None and _unfinished(out, saved.get("seeds", seeds)) and \
+        _has_progress(out, saved.get("seeds", seeds))
+    if not overwrite:
+        if (out / "metrics.json").exists() and interrupted:
+            raise BertforgeError(f"{out} holds a fine-tuning run that stopped early ({', '.join(present)}); pass "
+                                 "--resume to continue it, or --overwrite or another --out to start again")
+        if (out / "metrics.json").exists():
+            raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass "
+                                 "--overwrite or choose another --out")
+        if interrupted:
+            raise BertforgeError(f"{out} holds an interrupted fine-tuning run; pass --resume to continue it or "
+                                 "--overwrite to start again")
+        if present:
+            print(f"bertforge: {out} holds what an interrupted run left before its first checkpoint "
+                  f"({', '.join(present)}); starting again", file=sys.stderr)
+    for name in present:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    _write_json(saved_path, record)
