@@ -329,8 +329,9 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     # Checks the folder (vocabulary, position table) before any output is written.
     _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
     record = progress.run_record(config)
-    distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
-                                                        overwrite=config.overwrite, outputs=OUTPUTS))
+    if distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
+                                                           overwrite=config.overwrite, outputs=OUTPUTS)):
+        config = dataclasses.replace(config, resume=True)  # a killed run of the same command continues
     for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")
     train_features = task.featurize(train_examples, tokenizer, max_seq_len, train=True)

@@ -5,8 +5,9 @@
     DIR/runs/seed_S/best.safetensors  the best epoch's weights so far
     DIR/runs/seed_S/checkpoints/    the shared loop's checkpoints (removed once the seed finishes)
 
-`--resume` continues every unfinished seed from its newest checkpoint (finished seeds are only re-evaluated);
-without it, a folder holding an interrupted run is refused rather than overwritten, so nothing trained is lost.
+`--resume` continues every unfinished seed from its newest checkpoint (finished seeds are only re-evaluated).
+Running the same command again over a run that was killed does the same; nothing trained is ever cleared
+without `--overwrite`.
 Every file here is written atomically (temporary name, then rename).
 """
 
@@ -89,10 +90,25 @@ def _has_progress(out: Path, seeds: list[int]) -> bool:
     return False
 
 
-def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool, outputs: tuple[str, ...]) -> None:
-    """Rank 0's checks of DIR before any work. Refuses a finished run (unless --overwrite) and an interrupted one
-    (unless --resume or --overwrite); on --resume checks the settings are unchanged; otherwise clears what an
-    interrupted run left before its first checkpoint and records the settings of this run."""
+def _changed(saved: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """How the settings differ from the saved run's (None: the same run)."""
+    for name in record:
+        if saved.get(name) != record[name]:
+            if name.endswith("_sha256"):
+                return f"the {name.removesuffix('_sha256')} file changed since the run started"
+            return f"{name} was {saved.get(name)!r}, now {record[name]!r}"
+    return None
+
+
+def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool,
+                outputs: tuple[str, ...]) -> bool:
+    """Rank 0's checks of DIR before any work; True when the run continues what DIR holds.
+
+    --resume: the settings must be unchanged and a seed unfinished. Otherwise a finished run, or one stopped by a
+    signal (it exported its best epoch), is refused unless --overwrite; a killed run with the same settings
+    continues; one with other settings is refused unless --overwrite. Whatever is cleared, the settings of this
+    run are recorded first thing.
+    """
     saved_path = out / "runs" / RECORD_FILE
     saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
     seeds = record["seeds"]
@@ -100,16 +116,13 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         if saved is None:
             raise BertforgeError(f"{out} holds no fine-tuning run to resume (runs/{RECORD_FILE} missing); start it "
                                  "without --resume")
-        changed = [k for k in record if saved.get(k) != record[k]]
+        changed = _changed(saved, record)
         if changed:
-            name = changed[0]
-            what = ("its content changed since the run started" if name.endswith("_sha256")
-                    else f"was {saved.get(name)!r}, now {record[name]!r}")
-            raise BertforgeError(f"--resume continues {out} unchanged, but {name.replace('_sha256', ' file')} "
-                                 f"{what}; pass --overwrite to start a new run instead")
+            raise BertforgeError(f"--resume continues {out} unchanged, but {changed}; pass --overwrite to start "
+                                 "a new run instead")
         if not _unfinished(out, seeds):
             raise BertforgeError(f"{out} is finished (every seed ran to its last epoch); nothing to resume")
-        return
+        return True
     present = [name for name in outputs if (out / name).exists()]
     interrupted = saved is not None and _unfinished(out, saved.get("seeds", seeds)) and \
         _has_progress(out, saved.get("seeds", seeds))
@@ -121,8 +134,13 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
             raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass "
                                  "--overwrite or choose another --out")
         if interrupted:
-            raise BertforgeError(f"{out} holds an interrupted fine-tuning run; pass --resume to continue it or "
-                                 "--overwrite to start again")
+            changed = _changed(saved, record)
+            if changed:
+                raise BertforgeError(f"{out} holds an interrupted fine-tuning run with other settings ({changed}); "
+                                     "pass --overwrite to start again or choose another --out")
+            print(f"bertforge: {out} holds an interrupted run of this command; continuing it (--overwrite starts "
+                  "again)", file=sys.stderr)
+            return True
         if present:
             print(f"bertforge: {out} holds what an interrupted run left before its first checkpoint "
                   f"({', '.join(present)}); starting again", file=sys.stderr)
@@ -131,3 +149,4 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _write_json(saved_path, record)
+    return False

@@ -333,6 +333,15 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(models, tmp_path
         finetune(config("run"))
     with pytest.raises(BertforgeError, match="lr was 0.001, now 0.0003"):
         finetune(config("run", lr=3e-4, resume=True))
+    # killed instead (no exported model or metrics.json): running the same command again continues it
+    shutil.copytree(tmp_path / "run", tmp_path / "killed")
+    for name in ("model", "metrics.json", "curves.png", "dev_predictions.tsv"):
+        path = tmp_path / "killed" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(BertforgeError, match="other settings .*epochs was 3, now 4"):
+        finetune(config("killed", epochs=4))
+    again = finetune(config("killed"))
+    assert again["history"] == reference["history"] and again["accuracy"] == reference["accuracy"]
     counted = {"n": 0}
 
     def counting(*args, **kwargs):

@@ -211,7 +211,7 @@ def test_sigkill_during_finetune_leaves_nothing_that_looks_complete(run_dir, tmp
     assert not (out / "metrics.json").exists(), "a killed fine-tuning run left a metrics.json"
     assert not (out / "model" / "finetune.json").exists()
     assert process.returncode != 0, "finetune finished before the kill: the test did not kill it"
-    check_ok(run_cli(*args, "--resume"))  # continues (or, killed before its first checkpoint, starts) the run
+    check_ok(run_cli(*args))  # the same command continues the killed run (or starts again if it had no checkpoint)
     assert json.loads((out / "metrics.json").read_text())["task"] == "classify"
     check_ok(run_cli("predict", "--model", out, "--input", dev, "--out", tmp_path / "pred.tsv"))
 
