@@ -176,6 +176,15 @@ CASES: list[Case] = [
          "{tmp}/pred.tsv", (write("in.tsv", TRAIN_TSV),)),
     Case("ft-missing-train", "finetune: --train file does not exist",
          (*FINETUNE, "--train", "{tmp}/none.tsv", "--dev", "{tmp}/none.tsv"), "none.tsv", "{tmp}/FT"),
+    Case("ft-resume-nothing", "finetune: --resume where no fine-tuning run was started",
+         (*FINETUNE, "--train", "{tmp}/train.tsv", "--dev", "{tmp}/train.tsv", "--resume"), "no fine-tuning run to resume", "{tmp}/FT", (write("train.tsv", TRAIN_TSV),)),
+    Case("ft-resume-overwrite", "finetune: --resume together with --overwrite",
+         (*FINETUNE, "--train", "{tmp}/train.tsv", "--dev", "{tmp}/train.tsv", "--resume", "--overwrite"),
+         "contradict", "{tmp}/FT", (write("train.tsv", TRAIN_TSV),)),
+    Case("ft-headerless-columns", "finetune: --no-header file of 4 columns, text columns not named",
+         (*FINETUNE, "--train", "{tmp}/cola.tsv", "--dev", "{tmp}/cola.tsv", "--no-header"), "--text-columns",
+         "{tmp}/FT", (write("cola.tsv", "gj04\t1\t\tOur friends won't buy this analysis.\n"
+                                        "gj04\t0\t*\tThey drank the pub.\n"),)),
 ]
 
 
