@@ -20,7 +20,6 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from bertforge.errors import BertforgeError
+from bertforge.files import fsync_path, sha256_file
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -52,23 +52,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:07d}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flushes a file or a directory to disk (so a rename never exposes unwritten data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -140,18 +123,18 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, st
         time.sleep(float(os.environ[SAVE_DELAY_ENV]))
     files = {}
     for name in (MODEL_FILE, STATE_FILE):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     record = {"format_version": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
     (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync(tmp / META_FILE)
-    _fsync(tmp)
+    fsync_path(tmp / META_FILE)
+    fsync_path(tmp)
     if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
         retired = final.parent / f".tmp-old-{final.name}"
         os.replace(final, retired)
         shutil.rmtree(retired)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

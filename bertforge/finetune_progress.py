@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from bertforge import checkpoint
 from bertforge.errors import BertforgeError
+from bertforge.files import sha256_file, write_json_atomic
 
 RECORD_FILE = "config.json"       # under DIR/runs/
 PROGRESS_FILE = "progress.json"   # under DIR/runs/seed_S/
@@ -42,15 +43,9 @@ def run_record(config: Any) -> dict[str, Any]:
     """The run-defining settings of a FinetuneConfig, with the content hashes of its train and dev files."""
     record = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_DEFINING}
     record["seeds"] = list(config.seeds or (config.seed,))
-    record["train_sha256"] = checkpoint.sha256_file(Path(config.train))
-    record["dev_sha256"] = checkpoint.sha256_file(Path(config.dev))
+    record["train_sha256"] = sha256_file(Path(config.train))
+    record["dev_sha256"] = sha256_file(Path(config.dev))
     return json.loads(json.dumps(record))  # tuples -> lists, as read back from disk
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_progress(run_dir: Path) -> dict[str, Any] | None:
@@ -62,7 +57,7 @@ def write_progress(run_dir: Path, history: list[dict[str, Any]], best: dict[str,
                    finished: bool = False, stop_reason: str | None = None) -> None:
     """history: [{epoch, step, metrics}], metrics numeric; best: {epoch, step, score} or None."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / PROGRESS_FILE, {"history": history, "best": best, "finished": finished,
+    write_json_atomic(run_dir / PROGRESS_FILE, {"history": history, "best": best, "finished": finished,
                                           "stop_reason": stop_reason})
 
 
@@ -148,5 +143,5 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    _write_json(saved_path, record)
+    write_json_atomic(saved_path, record)
     return False

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from bertforge import checkpoint, distributed
 from bertforge.config import PRESETS, ModelConfig, resolve_model_config
 from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
 from bertforge.errors import BertforgeError
+from bertforge.files import write_json_atomic
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf, load_model
 from bertforge.loop import PRECISIONS, LoopConfig, StepLoader, autocast_context, train
@@ -294,12 +294,6 @@ def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: st
                                  f"{before.get(name)}; --resume continues a run unchanged (omit the flag)")
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- model
 
 def _model_config(config: PretrainConfig, data: PretrainData) -> ModelConfig:
@@ -464,7 +458,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
             shutil.rmtree(config.out)
         config.out.mkdir(parents=True, exist_ok=True)
         if not config.resume:
-            _write_json_atomic(config.out / CONFIG_FILE, run_config)
+            write_json_atomic(config.out / CONFIG_FILE, run_config, indent=2, sort_keys=True)
 
     distributed.main_first(create_out)
     resume_meta = json.loads((resume_from / checkpoint.META_FILE).read_text()) if resume_from else None

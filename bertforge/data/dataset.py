@@ -20,8 +20,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum, sha256_file
+from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
+from bertforge.files import sha256_file
 
 _REDO = "re-run `bertforge prepare` (with --overwrite)"
 

@@ -38,12 +38,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from bertforge.errors import BertforgeError
+from bertforge.files import fsync_path, sha256_file
 
 FORMAT_VERSION = 1
 KIND = "bertforge-data"
 MANIFEST = "manifest.json"
 _WRITER_RECORD = "_writer.json"  # a ShardWriter's file table inside the tmp folder; folded into the manifest
-_HASH_CHUNK = 1 << 20
 
 # field -> dtype; "token" means the vocabulary-dependent token dtype
 FIELDS: dict[str, str] = {
@@ -311,23 +311,6 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 hex of a file, read in 1 MiB chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON without its own checksum: catches edits that keep it valid JSON."""
     body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
@@ -411,15 +394,15 @@ def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, 
                        for path in others])
     full["manifest_sha256"] = manifest_checksum(full)
     for split_dir in {tmp / shard["split"] for shard in shards}:
-        _fsync_dir(split_dir)
+        fsync_path(split_dir)
     _write_json(tmp / MANIFEST, full)
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if out.exists():  # an empty folder or a DATA folder with overwrite (check_out_dir allowed it)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old)  # onto the empty folder just made: a unique name
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
