@@ -377,8 +377,9 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     summary["best_epoch"] = chosen["best"]["epoch"]
     summary["exported_seed"] = chosen["seed"]
     summary["seeds"] = seeds
-    if "per_type" in chosen["best"]["evaluation"].metrics:
-        summary["per_type"] = chosen["best"]["evaluation"].metrics["per_type"]
+    for detail in ("per_type", "per_class", "confusion"):  # the exported seed's breakdown (ner; classify)
+        if detail in chosen["best"]["evaluation"].metrics:
+            summary[detail] = chosen["best"]["evaluation"].metrics[detail]
     summary["per_seed"] = [{"seed": r["seed"], "best_epoch": r["best"]["epoch"], "stop_reason": r["stop_reason"],
                             **m} for r, m in zip(runs, per_seed)]
     summary["history"] = [{"seed": r["seed"], "epoch": h["epoch"], "step": h["step"], **_numeric(h["metrics"])}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter, defaultdict
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -70,6 +70,17 @@ def matthews_corrcoef(predictions: Sequence[int], labels: Sequence[int], num_cla
     numerator = correct * total - float(true_counts @ pred_counts)
     denominator = np.sqrt(total**2 - float(pred_counts @ pred_counts)) * np.sqrt(total**2 - float(true_counts @ true_counts))
     return float(numerator / denominator) if denominator else 0.0
+
+
+def per_class(predictions: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support of every class, and the confusion matrix (rows true, columns predicted)."""
+    matrix = _confusion(predictions, labels, len(names))
+    scores = {}
+    for k, name in enumerate(names):
+        tp = float(matrix[k, k])
+        precision, recall, f1 = _prf(tp, float(matrix[:, k].sum()) - tp, float(matrix[k, :].sum()) - tp)
+        scores[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(matrix[k, :].sum())}
+    return {"per_class": scores, "confusion": {"labels": list(names), "matrix": matrix.tolist()}}
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_classes: int) -> dict[str, float]:

@@ -123,6 +123,10 @@ def test_sst2_beats_majority_exports_and_predicts(models, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert {"accuracy", "f1", "macro_f1", "mcc", "best_epoch", "history"} <= set(saved)
     assert len(saved["history"]) == 3 and (out / "curves.png").stat().st_size > 0
+    assert sum(c["support"] for c in saved["per_class"].values()) == 872 and saved["confusion"]["labels"] == ["0", "1"]
+    matrix = saved["confusion"]["matrix"]                                # rows true, columns predicted
+    assert [sum(row) for row in matrix] == [428, 444]
+    assert (matrix[0][0] + matrix[1][1]) / 872 == pytest.approx(summary["accuracy"])
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"} and config["architectures"] == ["BertForSequenceClassification"]
     check_hf_parity(out, "AutoModelForSequenceClassification", sample_features("classify", out, dev, 8))

@@ -28,6 +28,11 @@ def test_classification_multiclass_and_degenerate():
     # multi-class MCC: c=3, s=4, t=(1,1,2), p=(1,0,3): (3*4 - (1+0+6)) / sqrt(16-10) / sqrt(16-6)
     assert result["mcc"] == pytest.approx(5 / math.sqrt(6 * 10))
     assert metrics.matthews_corrcoef([1, 1, 1], [0, 1, 1], 2) == 0.0   # constant prediction: undefined -> 0
+    detail = metrics.per_class(pred, gold, ["neg", "neu", "pos"])
+    assert detail["per_class"]["neg"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert detail["per_class"]["neu"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert detail["per_class"]["pos"]["precision"] == pytest.approx(2 / 3) and detail["per_class"]["pos"]["recall"] == 1
+    assert detail["confusion"] == {"labels": ["neg", "neu", "pos"], "matrix": [[1, 0, 0], [0, 0, 1], [0, 0, 2]]}
 
 
 def test_pearson_spearman_with_ties():

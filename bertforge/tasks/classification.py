@@ -237,8 +237,9 @@ class ClassificationTask:
         result = {}
         if labelled:
             index = {name: i for i, name in enumerate(self.label_names)}
-            result = metrics.classification_metrics(predicted, [index[e.label] for e in examples],
-                                                    len(self.label_names))
+            gold = [index[e.label] for e in examples]
+            result = {**metrics.classification_metrics(predicted, gold, len(self.label_names)),
+                      **metrics.per_class(predicted, gold, self.label_names)}
         return Evaluation(names, result)
 
     def write_predictions(self, examples: list[ClassificationExample], evaluation: Evaluation, path: Path) -> None:
