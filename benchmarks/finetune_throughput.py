@@ -1,0 +1,221 @@
+"""Fine-tuning throughput: bertforge's classification step vs `transformers.BertForSequenceClassification`.
+
+Both start from the same exported folder (random weights, 30,522-entry vocabulary) and train on the same batches:
+SST-2 training sentences featurised by `bertforge finetune classify` (dynamic padding: each batch padded to its
+longest), with the same optimizer (AdamW over the same parameter groups, clipping at 1.0, linear schedule) and
+dropout 0.1 on both. Ours runs the step `bertforge finetune` runs (its task loss, the loop's autocast, fused
+AdamW, the CPU dropout masks); transformers runs its stock model with SDPA attention and its own loss. Timed runs
+alternate between the two after warm-up steps; medians are reported. A parity check first: with dropout off, the
+same weights and batch give the same logits (max |difference|).
+
+    python benchmarks/finetune_throughput.py                 # mini and base, batch 32
+    python benchmarks/finetune_throughput.py --models mini --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bertforge.allocator import keep_freed_memory
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SST2_TRAIN = DATA / "glue" / "SST-2" / "train.tsv.gz"
+VOCAB = DATA / "reference" / "en_vocab_8k.txt"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="mini,base", help="comma-separated sizes (default mini,base)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per implementation (interleaved)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    parser.add_argument("--quick", action="store_true", help="4 timed steps per run, 1 warm-up step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 4, 1
+    return args
+
+
+def make_folder(size: str, work: Path) -> Path:
+    """A random `size` BERT with a 30,522-row embedding (the reference 8k vocabulary padded out), exported."""
+    from bertforge.config import ModelConfig
+    from bertforge.heads import BertForPreTraining
+    from bertforge.hf import export_hf
+    from bertforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(VOCAB)
+    torch.manual_seed(0)
+    model = BertForPreTraining(ModelConfig.preset(size, vocab_size=30522))
+    export_hf(model, tokenizer, work / size)
+    return work / size
+
+
+def sst2_batches(folder: Path, batch_size: int, count: int, *, bucketed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of SST-2 training sentences as `bertforge finetune classify` builds them (with
+    `--length-bucketing`: drawn from the batches of its first 50-batch sorting window, in the loader's random
+    order)."""
+    import random
+
+    from bertforge.finetune import _bucketed
+    from bertforge.tasks import TASKS, TaskOptions
+    from bertforge.tasks.base import collate_features
+    from bertforge.tokenizer import load_tokenizer
+
+    task = TASKS["classify"](TaskOptions())
+    head = Path(tempfile.mkdtemp()) / "train.tsv"
+    with gzip.open(SST2_TRAIN, "rt", encoding="utf-8") as handle:
+        lines = batch_size * (50 if bucketed else count) + 1
+        head.write_text("".join(line for _, line in zip(range(lines), handle)), encoding="utf-8")
+    examples = task.read(head)
+    task.fit_labels(examples, head)
+    tokenizer = load_tokenizer(folder)
+    features = task.featurize(examples, tokenizer, 128, train=True)
+    if bucketed:
+        groups = _bucketed(features, batch_size, seed=0)
+        random.Random(0).shuffle(groups)
+    else:
+        groups = [features[i:i + batch_size] for i in range(0, len(features), batch_size)]
+    return [collate_features(group, tokenizer.pad_id) for group in groups[:count]]
+
+
+class Ours:
+    """The step `bertforge finetune classify` runs: its loss, the loop's autocast, clip, fused AdamW, schedule."""
+
+    name = "bertforge"
+
+    def __init__(self, folder: Path) -> None:
+        from bertforge.finetune import load_task_model
+        from bertforge.loop import autocast_context
+        from bertforge.optim import build_optimizer, linear_schedule
+        from bertforge.tasks import TASKS, TaskOptions
+
+        torch.manual_seed(0)
+        self.model = load_task_model(folder, "BertForSequenceClassification", 2, 128, 0.1)[0].train()
+        self.task = TASKS["classify"](TaskOptions(), label_names=["0", "1"])
+        self.optimizer = build_optimizer(self.model, "adamw", lr=5e-5, weight_decay=0.01)
+        self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
+        self.autocast = lambda: autocast_context(torch.device("cpu"), "fp32")
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        with self.autocast():
+            loss = self.task.loss(self.logits(batch), batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+class Transformers:
+    """Stock `transformers.BertForSequenceClassification` (SDPA attention), its own loss, the same optimizer."""
+
+    name = "transformers"
+
+    def __init__(self, folder: Path) -> None:
+        import transformers
+
+        from bertforge.optim import build_optimizer, linear_schedule
+
+        transformers.logging.set_verbosity_error()  # its note that the classifier is freshly initialised
+        torch.manual_seed(0)
+        self.model = transformers.BertForSequenceClassification.from_pretrained(
+            folder, num_labels=2, attn_implementation="sdpa", hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1).train()
+        self.optimizer = build_optimizer(self.model, "adamw", lr=5e-5, weight_decay=0.01)
+        self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                          attention_mask=batch["attention_mask"]).logits
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        loss = self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                          attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+@torch.no_grad()
+def parity(ours: Ours, theirs: Transformers, batch: dict[str, torch.Tensor]) -> float:
+    """Max |logit difference| in eval mode (no dropout): both loaded the same encoder; the fresh classifier is
+    copied from ours."""
+    theirs.model.classifier.load_state_dict(ours.model.classifier.state_dict())
+    ours.model.eval(), theirs.model.eval()
+    difference = (ours.logits(batch) - theirs.logits(batch)).abs().max().item()
+    ours.model.train(), theirs.model.train()
+    return difference
+
+
+def timed(impl, batches: list[dict[str, torch.Tensor]]) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        impl.step(batch)
+    return time.perf_counter() - start
+
+
+def bench(size: str, args: argparse.Namespace, work: Path) -> dict:
+    folder = make_folder(size, work)
+    batches = sst2_batches(folder, args.batch_size, args.warmup + args.steps)
+    warm, timed_batches = batches[:args.warmup], batches[args.warmup:]
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed_batches)
+    ours, theirs = Ours(folder), Transformers(folder)
+    difference = parity(Ours(folder), Transformers(folder), batches[0])
+    for impl in (ours, theirs):
+        timed(impl, warm)
+    seconds: dict[str, list[float]] = {ours.name: [], theirs.name: []}
+    for _ in range(args.runs):
+        for impl in (ours, theirs):
+            seconds[impl.name].append(timed(impl, timed_batches))
+    bucketed = sst2_batches(folder, args.batch_size, args.warmup + args.steps, bucketed=True)
+    bucketed_tokens = sum(int(b["attention_mask"].sum()) for b in bucketed[args.warmup:])
+    timed(ours, bucketed[:args.warmup])
+    seconds["bucketed"] = [timed(ours, bucketed[args.warmup:]) for _ in range(args.runs)]
+    rate = {name: tokens / statistics.median(values) for name, values in seconds.items() if name != "bucketed"}
+    rate["bucketed"] = bucketed_tokens / statistics.median(seconds["bucketed"])
+    padded = sum(b["attention_mask"].numel() for b in timed_batches) / tokens
+    print(f"{size}: bertforge {rate['bertforge']:,.0f} tok/s, transformers {rate['transformers']:,.0f} tok/s, "
+          f"ratio {rate['bertforge'] / rate['transformers']:.2f}x; bertforge --length-bucketing "
+          f"{rate['bucketed']:,.0f} tok/s (logits parity {difference:.1e})", flush=True)
+    return {"size": size, **rate, "parity": difference, "tokens_per_batch": tokens / len(timed_batches),
+            "padded": padded}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not SST2_TRAIN.is_file():
+        print(f"benchmarks: {SST2_TRAIN} is missing (../shared/data)", file=sys.stderr)
+        return 1
+    keep_freed_memory()  # process-wide, as `bertforge finetune` runs: transformers gets it too
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for size in args.models.split(","):
+            rows.append(bench(size, args, Path(work)))
+    print(f"\nSST-2 sentences, batch {args.batch_size} (dynamic padding), fp32, dropout 0.1, "
+          f"medians of {args.runs} interleaved runs of {args.steps} steps, {torch.get_num_threads()} threads\n")
+    print("| model | real tokens/batch (positions/token) | bertforge tok/s | transformers tok/s | ratio | "
+          "bertforge --length-bucketing tok/s | logits parity |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['size']} | {row['tokens_per_batch']:.0f} ({row['padded']:.1f}) | {row['bertforge']:,.0f} | "
+              f"{row['transformers']:,.0f} | {row['bertforge'] / row['transformers']:.2f}x | "
+              f"{row['bucketed']:,.0f} ({row['bucketed'] / row['transformers']:.2f}x) | {row['parity']:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
