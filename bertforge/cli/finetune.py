@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regression", action="store_true", help="classify: real-valued target (Pearson/Spearman)")
     parser.add_argument("--no-header", action="store_true",
                         help="classify: TSV/CSV files without a header row; columns are numbered from 0 and by "
-                             "default the text(s) come first, the label last (AFQMC/LCQMC-style TSV, CoLA)")
+                             "default the text(s) come first, the label last (AFQMC/LCQMC-style TSV; for CoLA "
+                             "add --text-columns 3 --label-column 1)")
     parser.add_argument("--doc-stride", type=int, default=128, help="qa: tokens between window starts")
     parser.add_argument("--max-query-len", type=int, default=64, help="qa: question tokens kept")
     parser.add_argument("--max-answer-len", type=int, default=30, help="qa: longest answer in tokens")
