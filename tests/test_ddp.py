@@ -225,6 +225,43 @@ def test_finetuning_on_two_processes_matches_one_process(one_process, tmp_path):
         torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=1e-4)
 
 
+def test_an_interrupted_two_process_finetuning_resumes_to_the_uninterrupted_result(one_process, tmp_path):
+    """Ctrl-C a 2-process fine-tuning run (dropout on) after its first epoch, --resume it on 2 processes:
+    the losses and the exported weights equal an uninterrupted 2-process run's."""
+    rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{i + 2}\t{i % 2}" for i in range(1, 33)]
+    (tmp_path / "train.tsv").write_text("\n".join(rows[:25]) + "\n", encoding="utf-8")  # 24 examples: 3 steps
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:1] + rows[25:]) + "\n", encoding="utf-8")
+    args = ["finetune", "classify", "--model", str(one_process / "model"), "--train", str(tmp_path / "train.tsv"),
+            "--dev", str(tmp_path / "dev.tsv"), "--epochs", "100", "--lr", "1e-3", "--max-seq-len", "16",
+            "--batch-size", "4", "--dropout", "0.1", "--save-every", "2"]
+    done = torchrun(*args, "--out", str(tmp_path / "full"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = torchrun(*args, "--out", str(tmp_path / "cut"), wait=False, new_session=True)
+    evaluated = tmp_path / "cut" / "runs" / "seed_42" / "progress.json"  # written at the first epoch's end
+    try:
+        deadline = time.monotonic() + 120
+        while not evaluated.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.01)
+        os.killpg(job.pid, signal.SIGINT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert "Continue with: bertforge finetune" in err, err[-3000:]  # (torchrun itself exits 1 on SIGINT)
+    stopped = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert stopped["per_seed"][0]["stop_reason"] == "signal"
+    done = torchrun(*args, "--out", str(tmp_path / "cut"), "--resume", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = {}
+    for name in ("full", "cut"):
+        run_dir = tmp_path / name / "runs" / "seed_42"
+        losses[name] = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    assert len(losses["cut"]) == 300 and losses["cut"] == losses["full"]
+    ours, theirs = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("cut", "full"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
 def test_several_data_folders_are_read_as_one(data, tmp_path, capsys):
     from bertforge.cli import main
 
