@@ -141,7 +141,7 @@ def finetune_run(args: argparse.Namespace, task: str, model: str, train: Path, d
     summary = finetune(FinetuneConfig(task=task, model=model, train=str(train), dev=str(dev), out=str(out),
                                       epochs=epochs or args.epochs, lr=lr, batch_size=args.ft_batch, seed=seed,
                                       dropout=args.ft_dropout, max_seq_len=args.seq_len, overwrite=True, **extra))
-    if any(run["stop_reason"] == "signal" for run in summary["per_seed"]):  # Ctrl-C / SIGTERM: not a result
+    if summary.get("stopped_early"):  # Ctrl-C / SIGTERM: not a result
         raise SystemExit(f"stopped during {out}; run the script again to redo that stage and go on")
     return {k: v for k, v in summary.items() if isinstance(v, float)}
 

@@ -291,9 +291,10 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
         monitor.close()
     stopped = result.stop_reason == "signal"
     if "state" not in best:
-        hint = "; continue it with --resume" if stopped else ""
-        raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) at step {result.step} before the first "
-                             f"evaluation; nothing to export{hint}")
+        if not stopped:
+            raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) at step {result.step} before the "
+                                 "first evaluation; nothing to export")
+        return {"seed": seed, "best": None, "step": result.step, "stop_reason": result.stop_reason}
     if distributed.is_main() and not stopped:  # finished: the checkpoints are not worth their disk any more
         progress.write_progress(run_dir, history, summary_of_best(), finished=True, stop_reason=result.stop_reason)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -347,16 +348,24 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     for seed in config.seeds or (config.seed,):
         run = _train_one_seed(config, task, seed, train_features, evaluate, device, out / "runs" / f"seed_{seed}",
                               max_seq_len)
-        runs.append(run)
-        if not chosen or run["best"]["score"] > chosen["best"]["score"]:
-            chosen.pop("model", None)  # only the exported seed's weights stay in memory
-            chosen = run
-        else:
-            run.pop("model")
+        if run["best"] is not None:  # None: stopped by a signal before its first evaluation
+            runs.append(run)
+            if not chosen or run["best"]["score"] > chosen["best"]["score"]:
+                chosen.pop("model", None)  # only the exported seed's weights stay in memory
+                chosen = run
+            else:
+                run.pop("model")
         if run["stop_reason"] == "signal":  # stopped by the user: export what exists, run no more seeds
+            stopped_early = True
             break
+    else:
+        stopped_early = False
     if not distributed.is_main():
         return {}
+    if not runs:
+        print(f"bertforge: stopped at step {run['step']} of seed {run['seed']}, before its first evaluation: "
+              "nothing to export yet", file=sys.stderr)
+        return {"task": config.task, "stopped_early": True, "per_seed": []}
     seeds = [r["seed"] for r in runs]
     main = MAIN_METRIC["regression" if config.regression else config.task]
     labels = task.label_names or (["score"] if config.regression else None)
@@ -384,6 +393,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
                             **m} for r, m in zip(runs, per_seed)]
     summary["history"] = [{"seed": r["seed"], "epoch": h["epoch"], "step": h["step"], **_numeric(h["metrics"])}
                           for r in runs for h in r["history"]]
+    summary["stopped_early"] = stopped_early
     summary["config"] = config.to_dict()
     _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
           out / "curves.png")

@@ -366,3 +366,32 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(models, tmp_path
     assert not (tmp_path / "run" / "runs" / "seed_2" / "checkpoints").exists()  # finished: checkpoints removed
     with pytest.raises(BertforgeError, match="is finished"):
         finetune(config("run", resume=True))
+
+
+def test_a_signal_before_the_first_evaluation_exports_nothing_and_resumes(models, tmp_path, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    module = importlib.import_module("bertforge.finetune")
+    train = head_lines(DATA / "glue" / "SST-2" / "train.tsv.gz", tmp_path / "train.tsv", 65)
+    settings = dict(task="classify", model=str(models["en"]), train=str(train), dev=str(train), out=str(tmp_path / "o"),
+                    epochs=2, batch_size=8, max_seq_len=32, save_every=2)
+    calls = {"n": 0}
+    collate = module.collate_features
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third training step of eight in the first epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "collate_features", interrupting)
+    stopped = finetune(FinetuneConfig(**settings))
+    monkeypatch.setattr(module, "collate_features", collate)
+    assert stopped["stopped_early"] and stopped["per_seed"] == []
+    assert not (tmp_path / "o" / "model").exists() and not (tmp_path / "o" / "metrics.json").exists()
+    resumed = finetune(FinetuneConfig(**settings))  # the same call again continues from step 3
+    assert not resumed["stopped_early"] and [r["stop_reason"] for r in resumed["per_seed"]] == ["max_steps"]
+    assert resumed == {**finetune(FinetuneConfig(**{**settings, "out": str(tmp_path / "ref")})),
+                       "config": resumed["config"]}

@@ -112,12 +112,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
     if not distributed.launched_as_main():  # under torchrun rank 0 reports for the job
         return 0
-    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print(json.dumps(shown, indent=1))
-    print(f"model: {args.out}/model  metrics: {args.out}/metrics.json  curves: {args.out}/curves.png")
-    if any(run["stop_reason"] == "signal" for run in summary.get("per_seed", [])):
+    if summary.get("per_seed"):
+        shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        print(json.dumps(shown, indent=1))
+        print(f"model: {args.out}/model  metrics: {args.out}/metrics.json  curves: {args.out}/curves.png")
+    if summary.get("stopped_early"):
         again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-        print("bertforge: stopped early; the best epoch so far is exported. Continue with: bertforge "
+        exported = "the best epoch so far is exported. " if summary.get("per_seed") else ""
+        print(f"bertforge: stopped early; {exported}Continue with: bertforge "
               + " ".join(shlex.quote(a) for a in again), file=sys.stderr)
     return 0
 
