@@ -247,9 +247,14 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
     scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
                                       total_steps=total_steps)
     main = MAIN_METRIC["regression" if config.regression else config.task]
-    if resume_from is not None and distributed.is_main():
-        print(f"bertforge: seed {seed}: resuming from {resume_from} (step {start_step} of {total_steps})",
+    if distributed.is_main():
+        processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        print(f"bertforge: seed {seed}: {len(train_features):,} training inputs, batch {config.batch_size}{processes}"
+              f" -> {steps_per_epoch:,} steps per epoch x {config.epochs} epoch{'s' if config.epochs != 1 else ''}",
               file=sys.stderr)
+        if resume_from is not None:
+            print(f"bertforge: seed {seed}: resuming from {resume_from} (step {start_step} of {total_steps})",
+                  file=sys.stderr)
 
     def summary_of_best() -> dict[str, Any] | None:
         return {k: best[k] for k in ("epoch", "step", "score")} if "state" in best else None
