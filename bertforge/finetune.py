@@ -143,10 +143,13 @@ def _outputs(logits: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_model(model: nn.Module, features: list[Feature], *, pad_id: int, batch_size: int,
-              device: torch.device) -> list[np.ndarray]:
+              device: torch.device, show_progress: bool = False) -> list[np.ndarray]:
     """Logits of every feature in input order, trimmed to its length (batched longest-first to pad little)."""
+    from tqdm import tqdm
+
     order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
     outputs: list[np.ndarray] = [np.empty(0)] * len(features)
+    bar = tqdm(total=len(order), desc="predict", unit="input", disable=not show_progress, file=sys.stderr)
     for begin in range(0, len(order), batch_size):
         chunk = order[begin:begin + batch_size]
         batch = collate_features([features[i] for i in chunk], pad_id)
@@ -154,6 +157,8 @@ def run_model(model: nn.Module, features: list[Feature], *, pad_id: int, batch_s
         logits = _outputs(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu().numpy()
         for row, i in enumerate(chunk):
             outputs[i] = logits[row] if logits.ndim == 2 else logits[row, :len(features[i].input_ids)]
+        bar.update(len(chunk))
+    bar.close()
     return outputs
 
 
@@ -411,7 +416,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, batch_size: int = 64,
             device: str = "auto", text_columns: tuple[str, ...] | None = None,
-            no_header: bool | None = None) -> dict[str, Any]:
+            no_header: bool | None = None, show_progress: bool = False) -> dict[str, Any]:
     """Predict `input_file` (same format as training; labels optional) with a fine-tuned folder (DIR or DIR/model).
 
     `text_columns` (classify) names the input's text column(s) when they differ from the training file's;
@@ -443,7 +448,8 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     if labelled:
         task.check_labels(examples, Path(input_file))
     features = task.featurize(examples, tokenizer, record["max_seq_len"], train=False)
-    outputs = run_model(model, features, pad_id=tokenizer.pad_id, batch_size=batch_size, device=torch_device)
+    outputs = run_model(model, features, pad_id=tokenizer.pad_id, batch_size=batch_size, device=torch_device,
+                        show_progress=show_progress)
     evaluation = task.evaluate(examples, features, outputs, labelled=labelled)
     out_path = Path(out_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)

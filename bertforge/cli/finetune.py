@@ -130,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise BertforgeError(f"--batch-size must be positive, got {args.batch_size}")
     result = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                     text_columns=args.text_columns, no_header=args.no_header)
+                     text_columns=args.text_columns, no_header=args.no_header, show_progress=sys.stderr.isatty())
     if result:
         print(json.dumps(result, indent=1))
     print(f"predictions: {args.out}")
