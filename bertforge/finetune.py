@@ -75,6 +75,7 @@ class FinetuneConfig:
     precision: str = "fp32"
     device: str = "auto"
     dropout: float | None = None                # hidden and attention dropout (default: the model config's)
+    layer_lr_decay: float = 1.0                 # < 1: layer-wise learning-rate decay (head at lr, layers below less)
     text_columns: tuple[str, ...] | None = None
     label_column: str | None = None
     regression: bool = False
@@ -102,6 +103,8 @@ class FinetuneConfig:
             raise BertforgeError(f"--max-train-examples must be positive, got {self.max_train_examples}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
             raise BertforgeError("--lr must be positive, --weight-decay non-negative and --warmup-ratio in [0, 1)")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise BertforgeError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in loop.PRECISIONS:
@@ -248,7 +251,8 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
                                  batch_size=config.batch_size, seed=seed)
     steps_per_epoch = math.ceil(len(dataset) / loader.instances_per_step)  # over all processes under torchrun
     total_steps = steps_per_epoch * config.epochs
-    optimizer = optim.build_optimizer(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = optim.build_optimizer(model, "adamw", lr=config.lr, weight_decay=config.weight_decay,
+                                      layer_lr_decay=config.layer_lr_decay)
     scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
                                       total_steps=total_steps)
     main = MAIN_METRIC["regression" if config.regression else config.task]

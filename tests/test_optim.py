@@ -170,3 +170,40 @@ def test_default_warmup_is_ten_percent_capped_at_ten_thousand():
 def test_schedule_rejects_warmup_longer_than_the_run():
     with pytest.raises(BertforgeError, match="warm-up"):
         linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=11, total_steps=10)
+
+
+def test_layer_lr_decay_gives_each_depth_its_rate_and_keeps_the_decay_split():
+    from bertforge.heads import BertForSequenceClassification
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(ModelConfig.preset("tiny", vocab_size=50, max_position_embeddings=32), 3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.01, layer_lr_decay=0.5)
+    rate = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert set(rate) == set(names.values())  # every parameter once
+    layers = 2  # tiny
+    assert rate["classifier.weight"] == (1e-3, 0.01) and rate["classifier.bias"] == (1e-3, 0.0)
+    assert rate["bert.pooler.dense.weight"][0] == 1e-3
+    for i in range(layers):
+        expected = 1e-3 * 0.5 ** (layers - i)
+        layer = {n: r for n, r in rate.items() if n.startswith(f"bert.encoder.layers.{i}.")}
+        assert layer and all(r[0] == pytest.approx(expected) for r in layer.values()), (i, layer)
+    embeddings = {n: r for n, r in rate.items() if ".embeddings." in n}
+    assert embeddings and all(r[0] == pytest.approx(1e-3 * 0.5 ** (layers + 1)) for r in embeddings.values())
+    assert rate["bert.embeddings.layer_norm.weight"][1] == 0.0
+    assert rate["bert.embeddings.word_embeddings.weight"][1] == 0.01
+    # the schedule scales every group alike: after warm-up each keeps its ratio to the head's rate
+    scheduler = linear_schedule(optimizer, warmup_steps=2, total_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    head = next(g["lr"] for g in optimizer.param_groups if any(names[id(p)] == "classifier.weight" for p in g["params"]))
+    ratios = sorted({round(g["lr"] / head, 9) for g in optimizer.param_groups})
+    assert ratios == [round(0.5 ** k, 9) for k in range(layers + 1, -1, -1)]
+
+
+def test_layer_lr_decay_one_is_the_two_plain_groups_and_bad_values_are_refused():
+    model = _tiny_model()
+    assert [len(g["params"]) for g in param_groups(model, 0.01)] == \
+        [len(g["params"]) for g in param_groups(model, 0.01, lr=1.0, layer_lr_decay=1.0)]
+    with pytest.raises(BertforgeError, match="layer-lr-decay"):
+        build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.0, layer_lr_decay=0.0)

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="D",
+                        help="layer-wise learning-rate decay: the head trains at --lr, each encoder layer below at D "
+                             "times the rate above it, the embeddings lowest (e.g. 0.8; default 1: one rate)")
     parser.add_argument("--dropout", type=float, default=None, metavar="P",
                         help="hidden and attention dropout while fine-tuning (default: the model's config)")
     parser.add_argument("--text-columns", type=_names, default=None,
@@ -102,6 +105,7 @@ def _finetune(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_len=args.max_seq_len,
         seed=args.seed, seeds=args.seeds, max_train_examples=args.max_train_examples,
         length_bucketing=args.length_bucketing, precision=args.precision, device=args.device, dropout=args.dropout,
+        layer_lr_decay=args.layer_lr_decay,
         text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
         no_header=args.no_header,
         doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
