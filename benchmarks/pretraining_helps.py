@@ -6,7 +6,7 @@ Protocol (issue 5):
    tokens), then pre-train a model (`--size`, default mini) on the same extract for a fixed CPU budget:
    `--pretrain-steps` optimizer steps of `--pretrain-batch` instances of `--seq-len` tokens (bf16 autocast,
    dynamic masking, no dropout: one pass over the data under-fits, so dropout only slows learning), with
-   `--pretrain-minutes` of wall time as a safety cap. Defaults: 16,000 steps of 32 x 64 tokens at lr 5e-4 (49 min
+   `--pretrain-minutes` of wall time as a safety cap. Defaults: 16,000 steps of 32 x 64 tokens at lr 5e-4 (45-49 min
    here with 30,522 pieces, 43 with 8k). Sequences of 64 give twice the updates per token of 128 (SST-2 and
    CoNLL sentences fit in 64), and lr 1e-3 collapsed the attention of post-LN `mini` (every token attending to one
    token; MLM stuck at 14%).
