@@ -345,7 +345,8 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     _, tokenizer, notes = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len)
     record = progress.run_record(config)
     if distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
-                                                           overwrite=config.overwrite, outputs=OUTPUTS)):
+                                                           overwrite=config.overwrite, outputs=OUTPUTS,
+                                                           defaults=progress.setting_defaults(config))):
         config = dataclasses.replace(config, resume=True)  # a killed run of the same command continues
     for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")

@@ -85,18 +85,28 @@ def _has_progress(out: Path, seeds: list[int]) -> bool:
     return False
 
 
-def _changed(saved: dict[str, Any], record: dict[str, Any]) -> str | None:
-    """How the settings differ from the saved run's (None: the same run)."""
+def setting_defaults(config: Any) -> dict[str, Any]:
+    """The default of every FinetuneConfig setting, as a record stores it (to read records of older versions)."""
+    fields = dataclasses.fields(config)
+    return json.loads(json.dumps({f.name: f.default for f in fields if f.default is not dataclasses.MISSING}))
+
+
+def _changed(saved: dict[str, Any], record: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """How the settings differ from the saved run's (None: the same run).
+
+    A setting the saved record lacks (written before the setting existed) counts as its default.
+    """
     for name in record:
-        if saved.get(name) != record[name]:
+        before = saved.get(name, defaults.get(name))
+        if before != record[name]:
             if name.endswith("_sha256"):
                 return f"the {name.removesuffix('_sha256')} file changed since the run started"
-            return f"{name} was {saved.get(name)!r}, now {record[name]!r}"
+            return f"{name} was {before!r}, now {record[name]!r}"
     return None
 
 
 def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool,
-                outputs: tuple[str, ...]) -> bool:
+                outputs: tuple[str, ...], defaults: dict[str, Any] | None = None) -> bool:
     """Rank 0's checks of DIR before any work; True when the run continues what DIR holds.
 
     --resume: the settings must be unchanged and a seed unfinished. Otherwise a finished run, or one stopped by a
@@ -111,7 +121,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         if saved is None:
             raise BertforgeError(f"{out} holds no fine-tuning run to resume (runs/{RECORD_FILE} missing); start it "
                                  "without --resume")
-        changed = _changed(saved, record)
+        changed = _changed(saved, record, defaults or {})
         if changed:
             raise BertforgeError(f"--resume continues {out} unchanged, but {changed}; pass --overwrite to start "
                                  "a new run instead")
@@ -129,7 +139,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
             raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass "
                                  "--overwrite or choose another --out")
         if interrupted:
-            changed = _changed(saved, record)
+            changed = _changed(saved, record, defaults or {})
             if changed:
                 raise BertforgeError(f"{out} holds an interrupted fine-tuning run with other settings ({changed}); "
                                      "pass --overwrite to start again or choose another --out")

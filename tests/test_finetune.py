@@ -5,6 +5,7 @@ tests need no pre-training step. Each run also checks that `transformers` reprod
 folder and that `predict` writes the same predictions as the dev file of the run.
 """
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -395,3 +396,18 @@ def test_a_signal_before_the_first_evaluation_exports_nothing_and_resumes(models
     assert not resumed["stopped_early"] and [r["stop_reason"] for r in resumed["per_seed"]] == ["max_steps"]
     assert resumed == {**finetune(FinetuneConfig(**{**settings, "out": str(tmp_path / "ref")})),
                        "config": resumed["config"]}
+
+
+def test_a_record_from_before_a_setting_existed_counts_it_as_its_default(tmp_path):
+    """Resuming a run that an older version wrote: settings its record lacks are compared with their defaults."""
+    from bertforge import finetune_progress as progress
+    from bertforge.finetune import FinetuneConfig
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\ngood\t1\nbad\t0\n", encoding="utf-8")
+    config = FinetuneConfig(task="classify", model="m", train=str(data), dev=str(data), out=str(tmp_path / "o"))
+    defaults = progress.setting_defaults(config)
+    saved = progress.run_record(config)
+    del saved["layer_lr_decay"]  # as written before --layer-lr-decay existed
+    assert progress._changed(saved, progress.run_record(config), defaults) is None
+    changed = dataclasses.replace(config, layer_lr_decay=0.8)
+    assert "layer_lr_decay was 1.0, now 0.8" in progress._changed(saved, progress.run_record(changed), defaults)
