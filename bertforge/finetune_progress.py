@@ -106,7 +106,7 @@ def _changed(saved: dict[str, Any], record: dict[str, Any], defaults: dict[str, 
 
 
 def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool,
-                outputs: tuple[str, ...], defaults: dict[str, Any] | None = None) -> bool:
+                outputs: tuple[str, ...], defaults: dict[str, Any]) -> bool:
     """Rank 0's checks of DIR before any work; True when the run continues what DIR holds.
 
     --resume: the settings must be unchanged and a seed unfinished. Otherwise a finished run, or one stopped by a
@@ -121,7 +121,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         if saved is None:
             raise BertforgeError(f"{out} holds no fine-tuning run to resume (runs/{RECORD_FILE} missing); start it "
                                  "without --resume")
-        changed = _changed(saved, record, defaults or {})
+        changed = _changed(saved, record, defaults)
         if changed:
             raise BertforgeError(f"--resume continues {out} unchanged, but {changed}; pass --overwrite to start "
                                  "a new run instead")
@@ -139,7 +139,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
             raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass "
                                  "--overwrite or choose another --out")
         if interrupted:
-            changed = _changed(saved, record, defaults or {})
+            changed = _changed(saved, record, defaults)
             if changed:
                 raise BertforgeError(f"{out} holds an interrupted fine-tuning run with other settings ({changed}); "
                                      "pass --overwrite to start again or choose another --out")

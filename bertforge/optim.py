@@ -32,7 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = No
     """
     if not 0 < layer_lr_decay <= 1:
         raise BertforgeError(f"--layer-lr-decay must be in (0, 1], got {layer_lr_decay}")
-    layers = _num_layers(model)
+    if layer_lr_decay < 1 and lr is None:
+        raise BertforgeError("layer-wise learning-rate decay needs the base learning rate")
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -41,30 +42,29 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = No
                 continue
             seen.add(id(param))
             decayed = not (isinstance(module, nn.LayerNorm) or name == "bias")
-            depth = _depth(module_name, layers) if layer_lr_decay < 1 else layers + 1
+            depth = _depth(module_name) if layer_lr_decay < 1 else TOP
             groups.setdefault((depth, decayed), []).append(param)
+    top = 1 + max((d for d, _ in groups if d != TOP), default=0)  # the head's depth: above the last layer
     result = []
     for depth in sorted({d for d, _ in groups}, reverse=True):
         for decayed in (True, False):
             group: dict = {"params": groups.get((depth, decayed), []), "weight_decay": weight_decay if decayed else 0.0}
             if layer_lr_decay < 1:
-                if lr is None:
-                    raise BertforgeError("layer-wise learning-rate decay needs the base learning rate")
-                group["lr"] = lr * layer_lr_decay ** (layers + 1 - depth)
+                group["lr"] = lr * layer_lr_decay ** (top - min(depth, top))
             result.append(group)
     return result
 
 
-def _num_layers(model: nn.Module) -> int:
-    return sum(1 for name, _ in model.named_modules() if re.fullmatch(r"(.*\.)?layers\.\d+", name))
+TOP = 1 << 30  # depth of what sits above the encoder (pooler, task heads)
+LAYER = re.compile(r"(?:^|\.)(?:(embeddings)|layers\.(\d+))(?:\.|$)")
 
 
-def _depth(module_name: str, layers: int) -> int:
-    """0 for the embeddings, i + 1 for encoder layer i, layers + 1 for everything above (pooler, heads)."""
-    if re.search(r"(^|\.)embeddings(\.|$)", module_name):
-        return 0
-    match = re.search(r"(^|\.)layers\.(\d+)(\.|$)", module_name)
-    return int(match.group(2)) + 1 if match else layers + 1
+def _depth(module_name: str) -> int:
+    """0 for the embeddings, i + 1 for encoder layer i, TOP for everything above (pooler, heads)."""
+    match = LAYER.search(module_name)
+    if match is None:
+        return TOP
+    return 0 if match.group(1) else int(match.group(2)) + 1
 
 
 class Lamb(torch.optim.Optimizer):
