@@ -109,6 +109,9 @@ def process_group(device: torch.device, timeout_seconds: float) -> Iterator[None
                              "--rdzv-endpoint / MASTER_ADDR:MASTER_PORT and that every node started") from None
     try:
         yield
+        # Leave together: rank 0 often works on alone (export, plots) after the others return, and a Gloo group
+        # torn down on one rank while a peer still holds its connections can abort that process at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
