@@ -51,7 +51,8 @@ import torch
 from bertforge.data.prepare import prepare
 from bertforge.finetune import FinetuneConfig, finetune, predict
 from bertforge.heads import BertForPreTraining
-from bertforge.hf import export_hf, load_model
+from bertforge.hf import export_hf
+from bertforge.model_folder import load_model
 from bertforge.pretrain import PretrainConfig, pretrain
 from bertforge.tokenizer import load_tokenizer, train_tokenizer
 

@@ -18,7 +18,7 @@ _LAZY: dict[str, str] = {
     "Bert": "bertforge.model",
     "BertForPreTraining": "bertforge.heads",
     "export_hf": "bertforge.hf",
-    "load_model": "bertforge.hf",
+    "load_model": "bertforge.model_folder",
     "FinetuneConfig": "bertforge.finetune",
     "finetune": "bertforge.finetune",
     "predict": "bertforge.finetune",
@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from bertforge.data.prepare import prepare
     from bertforge.finetune import FinetuneConfig, finetune, predict
     from bertforge.heads import BertForPreTraining
-    from bertforge.hf import export_hf, load_model
+    from bertforge.hf import export_hf
+    from bertforge.model_folder import load_model
     from bertforge.model import Bert
     from bertforge.pretrain import PretrainConfig, evaluate, pretrain
     from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer

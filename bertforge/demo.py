@@ -36,7 +36,7 @@ from bertforge.data.prepare import prepare
 from bertforge.data.shards import is_data_dir
 from bertforge.errors import BertforgeError
 from bertforge.heads import BertForPreTraining, fill_mask, next_sentence_probability
-from bertforge.hf import load_model
+from bertforge.model_folder import load_model
 from bertforge.monitor import METRICS_FILE, read_metrics
 from bertforge.optim import build_optimizer
 from bertforge.pretrain import PretrainConfig, count_targets, pretrain, pretraining_loss

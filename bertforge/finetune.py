@@ -32,19 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertforge import checkpoint, distributed, heads, hf, loop, optim
+from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tasks.base import Evaluation, Feature, collate_features
-from bertforge.tokenizer import Tokenizer, load_tokenizer
+from bertforge.tokenizer import Tokenizer
 
-HEADS: dict[str, type[nn.Module]] = {
-    "BertForSequenceClassification": heads.BertForSequenceClassification,
-    "BertForTokenClassification": heads.BertForTokenClassification,
-    "BertForQuestionAnswering": heads.BertForQuestionAnswering,
-}
 # The dev metric that picks the best epoch (and the exported seed).
 MAIN_METRIC = {"classify": "accuracy", "regression": "pearson", "ner": "f1", "qa": "f1"}
 PREDICTION_SUFFIX = {"classify": ".tsv", "ner": ".conll", "qa": ".json"}
@@ -128,15 +123,14 @@ class FinetuneConfig:
 
 def load_task_model(path: str | Path, architecture: str, num_labels: int | None, max_seq_len: int,
                     dropout: float | None = None) -> tuple[nn.Module, Tokenizer, list[str]]:
-    """The model with its task head (`hf.load_for_task`), its tokenizer and load notes; checks the window fits."""
-    loaded = hf.load_for_task(path, HEADS[architecture], num_labels, dropout)
-    if loaded.tokenizer_dir is None:
-        raise BertforgeError(f"{path} has no vocabulary (vocab.txt or tokenizer.json) next to its weights; copy "
-                             "the tokenizer files of the model into the folder")
+    """The model with its task head (`model_folder.load_for_task`), its tokenizer and load notes; checks the window
+    fits."""
+    loaded = model_folder.load_for_task(path, hf.ARCHITECTURES[architecture], num_labels, dropout)
+    tokenizer = loaded.tokenizer()
     if max_seq_len > loaded.config.max_position_embeddings:
         raise BertforgeError(f"--max-seq-len {max_seq_len} exceeds the model's position table "
                              f"({loaded.config.max_position_embeddings} positions); lower --max-seq-len")
-    return loaded.model, load_tokenizer(loaded.tokenizer_dir), loaded.notes
+    return loaded.model, tokenizer, loaded.notes
 
 
 def _outputs(logits: Any) -> torch.Tensor:
@@ -429,7 +423,7 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
 
     Writes `out_file` in the task's prediction format; returns the metrics when the input has labels, else {}.
     """
-    folder = hf.resolve_model_dir(model_dir)
+    folder = model_folder.resolve_model_dir(model_dir)
     record_path = folder / TASK_FILE
     if not record_path.is_file():
         raise BertforgeError(f"{model_dir} is not a fine-tuned folder (no {TASK_FILE}); pass the --out folder of "

@@ -121,11 +121,6 @@ class Monitor:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 
-    def write(self, message: str) -> None:
-        """Print a line above the bar (without breaking it)."""
-        if self.enabled:
-            tqdm.write(message, file=sys.stderr)
-
     def log(self, record: dict) -> None:
         """Append one record to `RUN/metrics.jsonl` (adds `elapsed` if absent) and flush it; mirror to TensorBoard."""
         if self._file is None:

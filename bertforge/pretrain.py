@@ -28,7 +28,8 @@ from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretra
 from bertforge.errors import BertforgeError
 from bertforge.files import write_json_atomic
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
-from bertforge.hf import export_hf, load_model
+from bertforge.hf import export_hf
+from bertforge.model_folder import load_model
 from bertforge.loop import PRECISIONS, LoopConfig, StepLoader, autocast_context, train
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
@@ -324,9 +325,7 @@ def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPre
         _check_fits_data(model_config, data, f"--model {config.model}")
         return BertForPreTraining(model_config), model_config
     loaded = load_model(config.init)
-    if loaded.tokenizer_dir is None:
-        raise BertforgeError(f"--init {config.init} has no vocabulary (vocab.txt); cannot check it matches DATA")
-    if load_tokenizer(loaded.tokenizer_dir).vocab_hash != data.vocab_hash:
+    if loaded.tokenizer().vocab_hash != data.vocab_hash:
         raise BertforgeError(f"--init {config.init} uses a different vocabulary from {data.path}; prepare the data "
                              f"with that model's tokenizer (bertforge prepare --tokenizer {loaded.tokenizer_dir})")
     model_config = loaded.config.with_dropout(config.dropout)

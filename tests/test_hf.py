@@ -19,7 +19,8 @@ from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification, fill_mask, next_sentence_probability)
-from bertforge.hf import DIGEST_KEY, export_hf, load_for_task, load_model, resolve_model_dir
+from bertforge.hf import DIGEST_KEY, export_hf
+from bertforge.model_folder import load_for_task, load_model, resolve_model_dir
 from bertforge.tokenizer import Tokenizer
 
 WORDS = ["the", "man", "went", "to", "store", "a", "he", "bought", "gallon", "of", "milk", "penguins", "are",

@@ -28,23 +28,13 @@ COMMAND_MODULES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits with status 2 and a usage line, never a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bertforge", description="Pre-train BERT from raw text and fine-tune it.")
+    parser = argparse.ArgumentParser(prog="bertforge", description="Pre-train BERT from raw text and fine-tune it.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that area is not written yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

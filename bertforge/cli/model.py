@@ -40,44 +40,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nsp.set_defaults(func=run_nsp)
 
 
-def _device(name: str):
-    import torch
-
-    from bertforge.errors import BertforgeError
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BertforgeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device("cuda" if name == "cuda" or name == "auto" and torch.cuda.is_available() else "cpu")
-
-
 def _load(path: Path, device_name: str):
     """(model on the device in eval mode, tokenizer), telling the user which heads were initialised fresh."""
-    from bertforge.errors import BertforgeError
-    from bertforge.hf import load_model
-    from bertforge.tokenizer import load_tokenizer
+    from bertforge.distributed import resolve_device
+    from bertforge.model_folder import load_model
 
     loaded = load_model(path)
-    if loaded.tokenizer_dir is None:
-        raise BertforgeError(f"{path} has no vocabulary (vocab.txt or tokenizer.json); export the model with its "
-                             "tokenizer or copy vocab.txt into the folder")
-    for note in loaded.notes:
+    tokenizer = loaded.tokenizer()
+    _print_notes(loaded.notes)
+    return loaded.model.to(resolve_device(device_name)).eval(), tokenizer
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
         print(f"bertforge: note: {note}", file=sys.stderr)
-    return loaded.model.to(_device(device_name)).eval(), load_tokenizer(loaded.tokenizer_dir)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from bertforge.errors import BertforgeError
-    from bertforge.hf import ARCHITECTURES, export_hf, load_for_task, load_model
-    from bertforge.tokenizer import load_tokenizer
+    from bertforge.hf import export_hf
+    from bertforge.model_folder import load_as_saved
 
-    loaded = load_model(args.model)
-    if loaded.architecture in ARCHITECTURES and loaded.architecture != "BertForPreTraining":
-        loaded = load_for_task(args.model, ARCHITECTURES[loaded.architecture])  # keep the task head
-    if loaded.tokenizer_dir is None:
-        raise BertforgeError(f"{args.model} has no vocabulary (vocab.txt or tokenizer.json) to export with the model")
-    for note in loaded.notes:
-        print(f"bertforge: note: {note}", file=sys.stderr)
-    export_hf(loaded.model, load_tokenizer(loaded.tokenizer_dir), args.out, labels=loaded.labels)
+    loaded = load_as_saved(args.model)  # a fine-tuned folder keeps its task head
+    tokenizer = loaded.tokenizer()
+    _print_notes(loaded.notes)
+    export_hf(loaded.model, tokenizer, args.out, labels=loaded.labels)
     print(f"exported {type(loaded.model).__name__} to {args.out}")
     return 0
 
