@@ -2,11 +2,11 @@
 
 A training step on the CPU allocates and frees the same large tensors every step (activations, gradients, the
 (V, H) word-embedding gradient). glibc serves blocks above its mmap threshold with fresh `mmap`s and gives them
-back on `free`, so every step pays again for the kernel to fault in and zero those pages: ~214k minor page faults
-per step for `base` at batch 8 here. Serving every block from the heap and never trimming it keeps the pages
-mapped: `python benchmarks/step_breakdown.py` (base, fp32, batch 8, 2 cores) measured faults 134k -> 0.8k per
-step and 2.18 -> 2.09 s per step (-4%; -13% in earlier runs of the same step, 2.87 -> 2.44-2.52 s). The cost
-is that the process keeps its peak heap until it exits, which a training process does anyway.
+back on `free`, so every step pays again for the kernel to fault in and zero those pages (hundreds of thousands of
+minor page faults per step for `base`). Serving every block from the heap and never trimming it keeps the pages
+mapped, which removes nearly all of those faults (`python benchmarks/step_breakdown.py`; figures in
+docs/benchmarks.md). The cost is that the process keeps its peak heap until it exits, which a training process
+does anyway.
 
 Only glibc on Linux is tuned; elsewhere this does nothing. `BERTFORGE_MALLOC_TUNING=0` turns it off.
 """

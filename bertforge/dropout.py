@@ -1,15 +1,14 @@
 """Dropout with a cheap random mask on the CPU: the encoder's hidden-state and attention-probability dropout.
 
-On the CPU, PyTorch draws a dropout mask with one Mersenne-Twister number per element, serially. On this 2-core
-machine `F.dropout` takes 17.5 ms for a (32, 128, 768) hidden-state tensor and 36 ms for the (32, 12, 128, 128)
-attention probabilities, against 0.5 ms for one elementwise pass over the same data: for `base` at batch 32 the
-masks cost ~0.9 s of a 3.5 s forward pass (`bernoulli_` was 8.6% of the whole training step in the profile).
+On the CPU, PyTorch draws a dropout mask with one Mersenne-Twister number per element, serially: drawing the mask
+costs tens of times one elementwise pass over the same data, and for `base` the masks took about a quarter of the
+forward pass (figures in docs/benchmarks.md).
 
 Here one 32-bit random number makes the mask of two elements: each element uses 15 of its bits and is kept when
 they are at least round(p * 2**15). The drop probability is p rounded to a multiple of 1/32768 (0.1 becomes
 0.10000610; `quantised_p`), and kept values are scaled by 1 / (1 - that probability), so the output's expectation
 equals the input exactly, as with `F.dropout`. The masks come from torch's default generator: seeded runs repeat
-and resumed runs continue exactly as before. Cost: ~6 ms instead of 17.5 for the hidden-state tensor above.
+and resumed runs continue exactly as before, at about a third of the cost of PyTorch's own masks.
 
 Attention dropout: with dropout in training, CPU `F.scaled_dot_product_attention` always takes its math path (its
 flash kernel has no dropout): scores = q k^T / sqrt(d), masked, softmax, dropout, times v. `attention` computes
@@ -57,8 +56,7 @@ def scaled_keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype = torc
 
     A float factor, as `F.dropout` uses on the CPU, because float x float multiplies are the fast ones here (a bool
     mask times a float tensor takes 2-4x as long, and the backward pass multiplies by the factor again). In float32
-    the comparison runs in place on the converted bits (15-bit integers are exact there): 7.6 ms instead of 13 for
-    the attention probabilities above.
+    the comparison runs in place on the converted bits (15-bit integers are exact there), which saves a pass.
     """
     bits, threshold = _random_bits(shape, device), _threshold(p)
     exact = dtype in (torch.float32, torch.float64)

@@ -123,8 +123,8 @@ def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: flo
                     layer_lr_decay: float = 1.0) -> torch.optim.Optimizer:
     """`adamw` or `lamb`, over `param_groups(model, weight_decay, lr=lr, layer_lr_decay=layer_lr_decay)`.
 
-    AdamW uses PyTorch's fused kernel on CPU and CUDA alike (measured on 2 CPU cores for `mini`: 0.18 s per
-    step, against 0.32 s for the foreach and 1.0 s for the default per-tensor implementation).
+    AdamW uses PyTorch's fused kernel on CPU and CUDA alike: one pass over all parameters instead of a kernel per
+    tensor, which is several times faster than the default implementation on the CPU too (docs/benchmarks.md).
     """
     groups = [g for g in param_groups(model, weight_decay, lr=lr, layer_lr_decay=layer_lr_decay) if g["params"]]
     if name == "adamw":
