@@ -235,6 +235,10 @@ def bench_dupe(corpus: Path, vocab: Path, dupe: int, modes: list[str], repeats: 
     for mode in modes:
         print(row(median_run(runs[mode]), dupe) + ratios(median_run(runs[mode]), peer, dupe))
     print(row(peer, dupe), flush=True)
+    if "exact" in runs:
+        # --exact makes the peer's instances for the same seed: equal counts confirm both ran the same settings
+        same = runs["exact"][0].instances == peer.instances
+        print(f"--exact and the peer made {'the same number of' if same else 'DIFFERENT numbers of'} instances")
 
 
 def main(argv: list[str] | None = None) -> None:
