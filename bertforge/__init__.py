@@ -7,6 +7,8 @@ The public API is re-exported here lazily (PEP 562), so that commands which neve
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from bertforge.config import ModelConfig
@@ -45,6 +47,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """`pretrain` and `finetune` are both API functions and the submodules that define them. Importing a submodule
+    makes Python set the package attribute of that name to the module, which would turn `bertforge.pretrain(...)`
+    into "'module' object is not callable" once anything had imported it. The function keeps the name; the module
+    stays importable (`from bertforge.pretrain import ...`, `sys.modules["bertforge.pretrain"]`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # static type checkers see the real names
