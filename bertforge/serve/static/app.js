@@ -148,13 +148,15 @@ function visibleIndices(tokens) {
   return tokens.map((t, i) => i).filter((i) => !(hide && SPECIAL.has(tokens[i])));
 }
 
-// Draws weights[query][key] (rows: queries) as shades of the accent colour; `cell` pixels per token.
-function heatmap(canvas, matrix, keep, cell, offset = 0) {
+// Draws weights[query][key] (rows: queries, columns: keys) of the `keep` tokens as shades of the accent colour,
+// darkest at the head's largest shown weight (weights spread evenly over many tokens would all look white on
+// an absolute scale); `cell` pixels per token.
+function heatmap(canvas, matrix, keep, cell) {
   const context = canvas.getContext("2d");
+  const largest = Math.max(1e-9, ...keep.flatMap((q) => keep.map((k) => matrix[q][k])));
   keep.forEach((q, row) => keep.forEach((k, column) => {
-    const w = matrix[q][k];
-    context.fillStyle = `rgba(47, 111, 219, ${Math.min(1, w * 1.5).toFixed(3)})`;
-    context.fillRect(offset + column * cell, offset + row * cell, cell, cell);
+    context.fillStyle = `rgba(47, 111, 219, ${(matrix[q][k] / largest).toFixed(3)})`;
+    context.fillRect(column * cell, row * cell, cell, cell);
   }));
 }
 
@@ -195,7 +197,7 @@ function drawDetail(keep) {
   context.fillRect(0, 0, canvas.width, canvas.height);
   context.save();
   context.translate(margin, margin);
-  heatmap(canvas, attentionResult.weights[layer][head], keep, cell, 0);
+  heatmap(canvas, attentionResult.weights[layer][head], keep, cell);
   context.restore();
   context.font = "12px sans-serif";
   context.fillStyle = "#1f2430";
@@ -212,7 +214,8 @@ function drawDetail(keep) {
   });
   $("att-detail").replaceChildren(
     el("h3", {text: `Layer ${layer}, head ${head}`}),
-    el("p", {class: "hint", text: "rows: each token's attention over the tokens in the columns"}), canvas);
+    el("p", {class: "hint", text: "rows: each token's attention over the tokens in the columns; darkest = this "
+                                  + "head's largest weight"}), canvas);
 }
 
 async function attention() {
@@ -306,22 +309,37 @@ function series(rows, wanted) {
   return out;
 }
 
-function niceRange(low, high) {
-  if (low === high) return [low - 1, high + 1];
-  const pad = (high - low) * 0.05;
-  return [low - pad, high + pad];
+// Round tick values covering [low, high]: steps of 1, 2 or 5 times a power of ten, about `count` of them.
+function ticks(low, high, count, integer) {
+  if (low === high) {  // a single value: a range around it
+    const pad = integer ? 1 : Math.abs(low) * 0.1 || 1;
+    [low, high] = [low - pad, high + pad];
+  }
+  const rough = (high - low) / count;
+  const power = 10 ** Math.floor(Math.log10(rough));
+  let step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= rough);
+  if (integer) step = Math.max(1, Math.round(step));
+  const first = Math.floor(low / step) * step;
+  const out = [];
+  for (let value = first; value < high + step; value += step) out.push(Number(value.toPrecision(12)));
+  return out;
 }
 
+// One line per series; the colour says the quantity, the dash the split (solid: training).
 function lineChart(container, lines) {
   const names = Object.keys(lines);
   if (!names.length) {
     container.replaceChildren(el("p", {class: "hint", text: "no values logged yet"}));
     return;
   }
+  const quantities = [...new Set(names.map((name) => name.split(" ")[1]))];
+  const color = (name) => COLORS[quantities.indexOf(name.split(" ")[1]) % COLORS.length];
+  const dashed = (name) => !name.startsWith("train ");
   const points = names.flatMap((name) => lines[name]);
-  const [x0, x1] = niceRange(Math.min(...points.map((p) => p[0])), Math.max(...points.map((p) => p[0])));
-  const [y0, y1] = niceRange(Math.min(...points.map((p) => p[1])), Math.max(...points.map((p) => p[1])));
-  const W = 600, H = 260, left = 52, right = 12, top = 10, bottom = 28;
+  const xTicks = ticks(Math.min(...points.map((p) => p[0])), Math.max(...points.map((p) => p[0])), 6, true);
+  const yTicks = ticks(Math.min(...points.map((p) => p[1])), Math.max(...points.map((p) => p[1])), 5, false);
+  const [x0, x1, y0, y1] = [xTicks[0], xTicks.at(-1), yTicks[0], yTicks.at(-1)];
+  const W = 600, H = 260, left = 52, right = 14, top = 10, bottom = 34;
   const sx = (x) => left + (x - x0) / (x1 - x0) * (W - left - right);
   const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom);
   const ns = "http://www.w3.org/2000/svg";
@@ -334,24 +352,23 @@ function lineChart(container, lines) {
     svg.append(node);
     return node;
   };
-  add("rect", {x: left, y: top, width: W - left - right, height: H - top - bottom, fill: "none", stroke: "#d9dee5"});
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + (y1 - y0) * i / 4, x = x0 + (x1 - x0) * i / 4;
-    add("text", {x: left - 6, y: sy(y) + 4, "text-anchor": "end"}, Number(y.toPrecision(3)).toString());
-    add("text", {x: sx(x), y: H - 10, "text-anchor": "middle"}, Math.round(x).toString());
+  for (const y of yTicks) {
+    add("line", {x1: left, x2: W - right, y1: sy(y), y2: sy(y), stroke: "#eef1f4"});
+    add("text", {x: left - 6, y: sy(y) + 4, "text-anchor": "end"}, String(y));
   }
-  add("text", {x: W - right, y: H - 10, "text-anchor": "end"}, "step");
-  names.forEach((name, i) => {
-    const color = COLORS[i % COLORS.length];
+  for (const x of xTicks) add("text", {x: sx(x), y: H - 18, "text-anchor": "middle"}, String(x));
+  add("text", {x: left + (W - left - right) / 2, y: H - 3, "text-anchor": "middle"}, "step");
+  add("rect", {x: left, y: top, width: W - left - right, height: H - top - bottom, fill: "none", stroke: "#d9dee5"});
+  for (const name of names) {
     const path = lines[name].map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
-    add("polyline", {points: path, fill: "none", stroke: color, "stroke-width": 2, class: "series",
-                     "data-name": name, "stroke-dasharray": name.startsWith("train") ? "" : "5 3"});
+    add("polyline", {points: path, fill: "none", stroke: color(name), "stroke-width": 2, class: "series",
+                     "data-name": name, "stroke-dasharray": dashed(name) ? "6 4" : "none"});
     for (const p of lines[name].length < 30 ? lines[name] : []) {
-      add("circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color});
+      add("circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color(name)});
     }
-  });
-  const legend = el("div", {class: "legend"}, names.map((name, i) =>
-    el("span", {}, [el("i", {style: `background: ${COLORS[i % COLORS.length]}`}), name])));
+  }
+  const legend = el("div", {class: "legend"}, names.map((name) =>
+    el("span", {}, [el("i", {style: `border-top: 3px ${dashed(name) ? "dashed" : "solid"} ${color(name)}`}), name])));
   container.replaceChildren(svg, legend);
 }
 
