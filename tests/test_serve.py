@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,31 @@ def test_requests_for_one_model_queue_and_all_succeed(server):
         results = list(pool.map(lambda _: call(server, "/api/fill-mask", body), range(16)))
     assert all(status == 200 for status, _ in results)
     assert all(data == results[0][1] for _, data in results)
+
+
+def test_one_request_at_a_time_uses_a_model(server, monkeypatch):
+    from bertforge.serve import inference
+
+    active, most = [0], [0]
+    guard = threading.Lock()
+    real = inference.next_sentence
+
+    def counting(*args):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)
+            return real(*args)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(inference, "next_sentence", counting)
+    body = {"model": "tiny", "a": "the man went to the store .", "b": "he bought milk ."}
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: call(server, "/api/nsp", body), range(6))]
+    assert statuses == [200] * 6 and most[0] == 1
 
 
 # ------------------------------------------------------------------------------------------ runs

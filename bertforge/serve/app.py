@@ -164,6 +164,7 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP/1.0 plumbing: read the request, call the `Playground`, write JSON or a static file."""
 
     server: "PlaygroundServer"
+    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the page shows errors; a terminal full of request lines hides the start-up message."""
