@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -315,6 +316,9 @@ def test_caps_are_the_documented_ones():
 
 def test_cli_refuses_bad_folders_in_one_line_before_serving(folders, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     cases = [
         (["--model", str(tmp_path / "missing")], "does not exist"),
         (["--model", str(tmp_path / "empty")], "not a model, checkpoint or run folder"),
@@ -322,11 +326,13 @@ def test_cli_refuses_bad_folders_in_one_line_before_serving(folders, tmp_path, c
         (["--model", f"a={folders['tiny']}", f"a={folders['classifier']}"], "two models are named 'a'"),
         ([], "nothing to serve"),
         (["--model", str(folders["tiny"]), "--port", "70000"], "--port must be between 0 and 65535"),
+        (["--run", str(folders["run"]), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1:"),
     ]
-    for flags, message in cases:
-        assert main(["serve", *flags]) == 2, flags
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1 and err.startswith("bertforge: error:"), err
+    with taken:
+        for flags, message in cases:
+            assert main(["serve", *flags]) == 2, flags
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1 and err.startswith("bertforge: error:"), err
 
 
 def test_cli_serves_until_ctrl_c_and_stops_cleanly(folders):
