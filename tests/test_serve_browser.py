@@ -60,6 +60,13 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         browser.wait_for('document.querySelectorAll("#fm-results .mask-block").length === 2')
         assert browser.evaluate('document.getElementById("fm-text").value') == "[MASK] man bought a gallon of [MASK] ."
         browser.screenshot(tmp_path / "fill-mask.png")
+        browser.type_into("#fm-text", "北京是中国的[MASK]都")  # one chip and one token per character
+        browser.wait_for('document.querySelector("#fm-results .tokens")?.textContent.includes("北")')
+        assert browser.evaluate('[...document.querySelectorAll("#fm-words span")].map(s => s.textContent)') == \
+            list("北京是中国的都")
+        browser.type_into("#fm-text", "no mask here")
+        browser.click("#fm-run")  # the server's one-line refusal is shown
+        assert "has no [MASK]" in browser.wait_for('document.getElementById("fm-error").textContent')
 
         # NSP: the NotNext preset
         open_page(browser, base, "nsp")
@@ -118,6 +125,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         browser.resize(800, 700)
         open_page(browser, base, "fill-mask")
         assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-        assert browser.errors == []
+        # no script error; the only failed request is the refused text without [MASK]
+        assert browser.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
     assert all((tmp_path / f"{name}.png").stat().st_size > 5000
                for name in ("fill-mask", "nsp", "attention", "classify", "ner", "runs"))

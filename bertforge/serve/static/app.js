@@ -88,9 +88,10 @@ async function loadModels() {
 
 // ------------------------------------------------------------------------------------------------- fill-mask
 
+// The text's words as chips (each CJK character alone, as a character-level vocabulary reads it); a click
+// replaces that word with [MASK] and predicts.
 function renderWords() {
-  const text = $("fm-text").value;
-  const words = text.split(/(\s+)/);
+  const words = $("fm-text").value.split(/(\s+|\[MASK\]|[\u3400-\u9fff])/);
   $("fm-words").replaceChildren(...words.map((word, index) => {
     if (!word.trim() || word === "[MASK]") return "";
     const chip = el("span", {text: word, title: "click to mask this word"});
@@ -98,17 +99,21 @@ function renderWords() {
       words[index] = "[MASK]";
       $("fm-text").value = words.join("");
       renderWords();
-      fillMask();
+      fillMask(false);
     });
     return chip;
   }));
 }
 
-async function fillMask() {
-  if (!$("fm-model").value || !$("fm-text").value.includes("[MASK]")) return;
+let fillMaskRequest = 0;  // only the newest request's answer is shown (typing sends several)
+
+async function fillMask(automatic) {
+  if (!$("fm-model").value || (automatic && !$("fm-text").value.includes("[MASK]"))) return;
+  const request = ++fillMaskRequest;
   await guarded($("fm-run"), $("fm-error"), async () => {
     const result = await api("/api/fill-mask", {
       model: $("fm-model").value, text: $("fm-text").value, top_k: Number($("fm-topk").value) || 5});
+    if (request !== fillMaskRequest) return;
     const masked = new Set(result.masks.map((m) => m.position));
     const tokens = el("div", {class: "tokens"}, result.tokens.map((token, i) =>
       el("span", {class: masked.has(i) ? "masked" : "", text: token})));
@@ -401,10 +406,11 @@ async function loadRuns() {
 // ------------------------------------------------------------------------------------------------- wiring
 
 function wire() {
-  $("fm-run").addEventListener("click", fillMask);
+  $("fm-run").addEventListener("click", () => fillMask(false));
   $("fm-text").addEventListener("input", renderWords);
-  $("fm-text").addEventListener("input", debounce(fillMask, 400));
-  $("fm-model").addEventListener("change", fillMask);
+  $("fm-text").addEventListener("input", debounce(() => fillMask(true), 400));
+  $("fm-model").addEventListener("change", () => fillMask(true));
+  $("fm-topk").addEventListener("change", () => fillMask(true));
   $("nsp-run").addEventListener("click", nsp);
   for (const [id, [a, b]] of Object.entries(NSP_PRESETS)) {
     $(id).addEventListener("click", () => { $("nsp-a").value = a; $("nsp-b").value = b; nsp(); });
@@ -428,6 +434,7 @@ async function start() {
   }
   document.body.dataset.ready = "true";
   showPage();
+  fillMask(true);
 }
 
 start();
