@@ -1,4 +1,5 @@
-"""Tiny models, fine-tuned folders and a run for the `bertforge serve` tests, made with the real code paths.
+"""Tiny models, fine-tuned folders and a run for the `bertforge serve` tests, made with the real code paths, and
+a small HTTP client for the API.
 
 A randomly initialised tiny BERT over a small English + Chinese word vocabulary stands in for a pre-trained model;
 `finetune` trains one epoch of classify / ner / qa on a few hand-written examples from it, and `pretrain` runs a
@@ -8,6 +9,8 @@ few steps on synthetic data (tests/training_data.py) so that the run has trainin
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -86,3 +89,20 @@ def make_run(root: Path) -> Path:
     pretrain(PretrainConfig(data=build_data(root / "DATA"), out=run, model="tiny", batch_size=4, lr=1e-3,
                             warmup_steps=2, dropout=0.0, max_steps=6, log_every=1, eval_every=3, save_every=3))
     return run
+
+
+def call(base: str, path: str, body=None, *, raw: bytes | None = None) -> tuple[int, object]:
+    """(status, parsed JSON) of GET `path`, or of POST when `body` (JSON-encoded) or `raw` bytes are given."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(base + path, data=data, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def ok(base: str, path: str, body=None):
+    status, data = call(base, path, body)
+    assert status == 200, data
+    return data

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from bertforge.finetune import predict
 from bertforge.monitor import read_metrics
 from bertforge.serve import load_table, make_server
 from bertforge.serve.inference import LIMITS, attention_probabilities
-from serve_data import make_classifier, make_pretrained, make_reader, make_run, make_tagger, write_vocab
+from serve_data import call, make_classifier, make_pretrained, make_reader, make_run, make_tagger, ok, write_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,23 +49,6 @@ def server(folders):
     yield httpd.url.rstrip("/")
     httpd.shutdown()
     httpd.server_close()
-
-
-def call(base: str, path: str, body=None, *, raw: bytes | None = None) -> tuple[int, object]:
-    """(status, parsed JSON) of GET `path`, or of POST when `body` (JSON-encoded) or `raw` bytes are given."""
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(base + path, data=data, method="GET" if data is None else "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def ok(base: str, path: str, body=None):
-    status, data = call(base, path, body)
-    assert status == 200, data
-    return data
 
 
 # ------------------------------------------------------------------------------------------ models + pages

@@ -6,17 +6,15 @@ are saved under the test's tmp folder.
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 import torch
 
-from bertforge.serve import load_table, make_server
 from bertforge.monitor import read_metrics
+from bertforge.serve import load_table, make_server
 from browser import CHROMIUM, Chromium
-from serve_data import make_classifier, make_pretrained, make_run, make_tagger, write_vocab
-from test_serve import ok
+from serve_data import make_classifier, make_pretrained, make_run, make_tagger, ok, write_vocab
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
                                                           "the browser test needs it")
@@ -36,7 +34,7 @@ def playground(tmp_path_factory):
     httpd.server_close()
 
 
-def open_page(browser: Chromium, base: str, page: str) -> None:
+def open_page(browser: Chromium, page: str) -> None:
     """Switch pages with a click on the tab, as a user does."""
     browser.click(f'#tabs a[data-page="{page}"]')
     browser.wait_for(f'document.getElementById("page-{page}").classList.contains("active")')
@@ -69,7 +67,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         assert "has no [MASK]" in browser.wait_for('document.getElementById("fm-error").textContent')
 
         # NSP: the NotNext preset
-        open_page(browser, base, "nsp")
+        open_page(browser, "nsp")
         browser.click("#nsp-preset-notnext")
         shown = browser.wait_for('document.getElementById("nsp-probability")?.textContent')
         expected = ok(base, "/api/nsp", {"model": "tiny", "a": "the man went to the store .",
@@ -78,7 +76,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         browser.screenshot(tmp_path / "nsp.png")
 
         # attention: 2 layers x 2 heads of thumbnails; a click opens one head; [CLS]/[SEP] can be hidden
-        open_page(browser, base, "attention")
+        open_page(browser, "attention")
         browser.click("#att-run")
         browser.wait_for('document.querySelectorAll("#att-grid canvas").length === 4')
         browser.click('#att-grid canvas[data-layer="1"][data-head="1"]')
@@ -94,7 +92,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         browser.screenshot(tmp_path / "attention.png")
 
         # fine-tuned: the classifier's label and bars, then the tagger's entities highlighted
-        open_page(browser, base, "finetuned")
+        open_page(browser, "finetuned")
         browser.evaluate('(() => { const s = document.getElementById("ft-model"); s.value = "classifier"; '
                          's.dispatchEvent(new Event("change")); })()')
         browser.type_into("#ft-text", "an awful film")
@@ -111,7 +109,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
         browser.screenshot(tmp_path / "ner.png")
 
         # runs: the curves come from metrics.jsonl (one point per logged training step)
-        open_page(browser, base, "runs")
+        open_page(browser, "runs")
         browser.wait_for('document.querySelectorAll("#run-loss polyline.series").length > 0')
         lines = browser.evaluate('Object.fromEntries([...document.querySelectorAll("#run-loss polyline.series")]'
                                  '.map(p => [p.dataset.name, p.getAttribute("points").split(" ").length]))')
@@ -123,7 +121,7 @@ def test_every_page_works_in_chromium(playground, tmp_path):
 
         # a narrow laptop window: nothing overflows sideways
         browser.resize(800, 700)
-        open_page(browser, base, "fill-mask")
+        open_page(browser, "fill-mask")
         assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         # no script error; the only failed request is the refused text without [MASK]
         assert browser.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
