@@ -317,7 +317,8 @@ def test_cli_refuses_bad_folders_in_one_line_before_serving(folders, tmp_path, c
             assert message in err and err.count("\n") == 1 and err.startswith("bertforge: error:"), err
 
 
-def test_cli_serves_until_ctrl_c_and_stops_cleanly(folders):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serves_until_ctrl_c_and_stops_cleanly(folders, stop):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "bertforge", "serve", "--model", f"mini={folders['tiny']}",
                                 "--run", str(folders["run"]), "--port", "0", "--device", "cpu"],
@@ -329,7 +330,7 @@ def test_cli_serves_until_ctrl_c_and_stops_cleanly(folders):
         base = match.group(1).rstrip("/")
         assert [m["name"] for m in ok(base, "/api/models")] == ["mini"]
         assert ok(base, "/api/runs") == [{"name": "RUN", "path": str(folders["run"])}]
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         assert process.wait(timeout=30) == 0
         assert "bertforge serve: stopped" in process.stderr.read()
     finally:

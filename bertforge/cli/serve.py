@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from types import FrameType
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_serve)
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from bertforge.distributed import resolve_device
     from bertforge.errors import BertforgeError
@@ -46,6 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
               "playground", file=sys.stderr)
     print(f"bertforge serve: {len(table.models)} model(s), {len(table.runs)} run(s) at {server.url}  "
           "(Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # `kill`, a service manager or a container stop: the same clean stop
     try:
         server.serve_forever()
     except KeyboardInterrupt:

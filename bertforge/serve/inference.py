@@ -138,7 +138,7 @@ def attention(served: ServedModel, text: str, text_b: str | None) -> dict[str, A
     weights = attention_probabilities(served.model.bert, input_ids, torch.tensor([types], device=served.device))
     layers, heads_count = weights.shape[:2]
     return {"tokens": served.tokenizer.convert_ids_to_tokens(ids), "layers": layers, "heads": heads_count,
-            "weights": weights.round(decimals=4).cpu().tolist()}
+            "weights": weights.double().round(decimals=4).cpu().tolist()}  # float64: 1e-4, not 9.99999974e-05
 
 
 def _logits(served: ServedModel, examples: list[Any]) -> tuple[list[Any], list[np.ndarray]]:
