@@ -124,15 +124,25 @@ class Chromium:
             time.sleep(0.1)
         raise BrowserError(f"timed out after {timeout} s waiting for {expression}")
 
-    def click(self, selector: str) -> None:
-        """A real left click at the centre of the first element matching `selector` (scrolled into view)."""
-        box = self.wait_for(f"""(() => {{ const node = document.querySelector({json.dumps(selector)});
+    def point(self, selector: str, fx: float = 0.5, fy: float = 0.5) -> tuple[float, float]:
+        """Viewport coordinates of the point at fractions (fx, fy) of the first element matching `selector`
+        (scrolled into view)."""
+        return self.wait_for(f"""(() => {{ const node = document.querySelector({json.dumps(selector)});
             if (!node) return null; node.scrollIntoView({{block: "center"}});
-            const r = node.getBoundingClientRect(); return r.width ? [r.x + r.width / 2, r.y + r.height / 2] : null;
+            const r = node.getBoundingClientRect(); return r.width ? [r.x + r.width * {fx}, r.y + r.height * {fy}] : null;
             }})()""")
+
+    def click(self, selector: str) -> None:
+        """A real left click at the centre of the first element matching `selector`."""
+        x, y = self.point(selector)
         for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
-                                                   "clickCount": 1}, session=True)
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+                      session=True)
+
+    def hover(self, selector: str, fx: float, fy: float) -> None:
+        """Move the mouse to fractions (fx, fy) of the element's box."""
+        x, y = self.point(selector, fx, fy)
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y}, session=True)
 
     def type_into(self, selector: str, text: str) -> None:
         """Replace the field's content with `text` as typing does (focus, select all, insert: input events fire)."""

@@ -86,6 +86,11 @@ def test_every_page_works_in_chromium(playground, tmp_path):
             const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data; let n = 0;
             for (let i = 0; i < d.length; i += 4) if (d[i] < 200 && d[i + 2] > 150) n++; return n; })()""")
         assert painted > 100  # blue heatmap cells were drawn
+        browser.hover("#att-detail-canvas", 0.995, 0.995)  # the last query's weight on the last key, as a tooltip
+        weights = ok(base, "/api/attention", {"model": "tiny", "text": "the man went to the store .",
+                                              "text_b": "he bought a gallon of milk ."})["weights"]
+        tooltip = browser.wait_for('document.getElementById("att-detail-canvas").title')
+        assert tooltip == f"[SEP] → [SEP]: {weights[1][1][-1][-1]:.4f}"
         browser.click("#att-hide")
         browser.wait_for(f'document.getElementById("att-detail-canvas").width < {full}')
         assert browser.evaluate('document.querySelectorAll("#att-grid canvas")[0].width') == 14  # 17 tokens - 3

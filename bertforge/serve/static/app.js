@@ -197,12 +197,13 @@ function drawDetail(keep) {
   const margin = 8 + Math.max(...tokens.map((t) => measure.measureText(t).width), 0);
   const size = margin + cell * keep.length;
   const canvas = el("canvas", {width: Math.ceil(size), height: Math.ceil(size), id: "att-detail-canvas"});
+  const matrix = attentionResult.weights[layer][head];
   const context = canvas.getContext("2d");
   context.fillStyle = "#fff";
   context.fillRect(0, 0, canvas.width, canvas.height);
   context.save();
   context.translate(margin, margin);
-  heatmap(canvas, attentionResult.weights[layer][head], keep, cell);
+  heatmap(canvas, matrix, keep, cell);
   context.restore();
   context.font = "12px sans-serif";
   context.fillStyle = "#1f2430";
@@ -216,6 +217,14 @@ function drawDetail(keep) {
     context.textAlign = "left";
     context.fillText(token, 0, 0);  // keys along the top
     context.restore();
+  });
+  canvas.addEventListener("mousemove", (event) => {  // the weight under the pointer, as a tooltip
+    const box = canvas.getBoundingClientRect();
+    const scale = canvas.width / box.width;
+    const row = Math.floor(((event.clientY - box.top) * scale - margin) / cell);
+    const column = Math.floor(((event.clientX - box.left) * scale - margin) / cell);
+    const inside = row >= 0 && column >= 0 && row < keep.length && column < keep.length;
+    canvas.title = inside ? `${tokens[row]} → ${tokens[column]}: ${matrix[keep[row]][keep[column]].toFixed(4)}` : "";
   });
   $("att-detail").replaceChildren(
     el("h3", {text: `Layer ${layer}, head ${head}`}),
