@@ -129,12 +129,7 @@ class Playground:
 
     def run_info(self, name: str) -> dict[str, Any]:
         run = self.run(name)
-        config_path = run.path / "config.json"
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            config = None  # being rewritten or damaged: the page shows the curves without it
-        return {**run.describe(), "config": config, "checkpoints": run.checkpoints()}
+        return {**run.describe(), "config": run.config(), "checkpoints": run.checkpoints()}
 
     def run(self, name: str) -> ServedRun:
         if name not in self.table.runs:

@@ -7,6 +7,7 @@ through the same functions as `bertforge fill-mask` / `nsp` (`hf.load_model`) an
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,15 @@ class ServedRun:
     @property
     def metrics_file(self) -> Path:
         return self.path / METRICS_FILE
+
+    def config(self) -> dict[str, Any] | None:
+        """The run's config.json, or None when it has none or it cannot be read (being rewritten, damaged): the
+        page then shows the curves without it."""
+        path = self.path / CONFIG_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
 
     def checkpoints(self) -> list[str]:
         """Names of the run's complete checkpoints (those with meta.json), oldest first."""
