@@ -413,6 +413,20 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
+def read_task_record(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the weights folder, its finetune.json record) of a fine-tuned folder (DIR or DIR/model); the record's
+    options are ready for `TaskOptions(**options)` (text_columns as a tuple)."""
+    folder = model_folder.resolve_model_dir(model_dir)
+    record_path = folder / TASK_FILE
+    if not record_path.is_file():
+        raise BertforgeError(f"{model_dir} is not a fine-tuned folder (no {TASK_FILE}); pass the --out folder of "
+                             "`bertforge finetune`")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    options = record["options"]
+    options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
+    return folder, record
+
+
 def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path, *, batch_size: int = 64,
             device: str = "auto", text_columns: tuple[str, ...] | None = None,
             no_header: bool | None = None, show_progress: bool = False) -> dict[str, Any]:
@@ -423,14 +437,8 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
 
     Writes `out_file` in the task's prediction format; returns the metrics when the input has labels, else {}.
     """
-    folder = model_folder.resolve_model_dir(model_dir)
-    record_path = folder / TASK_FILE
-    if not record_path.is_file():
-        raise BertforgeError(f"{model_dir} is not a fine-tuned folder (no {TASK_FILE}); pass the --out folder of "
-                             "`bertforge finetune`")
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    folder, record = read_task_record(model_dir)
     options = record["options"]
-    options["text_columns"] = tuple(options["text_columns"]) if options.get("text_columns") else None
     if (text_columns or no_header is not None) and record["task"] != "classify":
         raise BertforgeError("--text-columns, --header and --no-header apply to classify models only")
     if text_columns:
