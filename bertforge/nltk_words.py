@@ -174,4 +174,6 @@ def _treebank_words(sentence: str) -> list[str]:
 
 def word_tokenize(text: str) -> list[str]:
     """`nltk.word_tokenize(text)` (English) for lower-case text: Punkt sentences, then Treebank words in each."""
+    if not text.strip():  # most runs between two Chinese characters: no words, so skip the 30 rules
+        return []
     return [word for sentence in _sentences(text) for word in _treebank_words(sentence)]
