@@ -6,10 +6,10 @@
   an `I-` after `O` or after a tag of another type starts a new entity, and every sentence ends its entities.
 - SQuAD v1.1: exact match and token F1 exactly as the official `evaluate-v1.1.py` (normalisation: lower-case,
   drop punctuation, drop the articles a/an/the, collapse whitespace; max over the reference answers; percentages).
-- CMRC 2018: exact match and F1 as its official evaluation: Chinese characters are single tokens, punctuation in
-  its fixed list is dropped, F1 is from the longest common *contiguous* run of tokens. Deviation: the official
-  script splits the non-Chinese runs with `nltk.word_tokenize`; nltk is not a dependency here, so those runs are
-  split into words and single punctuation marks, which agrees with nltk on ordinary text.
+- CMRC 2018: exact match and F1 as its official evaluation (`cmrc2018_evaluate.py`): lower-case, drop the
+  punctuation in its fixed list, Chinese characters are single tokens and each run of other text is split by
+  `nltk.word_tokenize` (our implementation of its rules, `bertforge.nltk_words`); F1 is from the longest common
+  *contiguous* run of tokens; max over the reference answers. Python 3's `str.lower` stands for Python 2's.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from bertforge.nltk_words import word_tokenize
 
 # ---------------------------------------------------------------------------------------------- classification
 
@@ -254,23 +256,25 @@ _CMRC_PUNCTUATION = frozenset(
     ["-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”", "；", "’",
      "《", "》", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"])
 _CJK = re.compile(r"[\u4e00-\u9fa5]")
-_WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 def cmrc_segments(text: str, remove_punctuation: bool = True) -> list[str]:
-    """Lower-cased tokens: each Chinese character (and listed punctuation mark) alone, other runs split into words."""
+    """Lower-cased tokens: each Chinese character (and listed punctuation mark) alone, other runs as nltk's words.
+
+    A dropped mark does not end a run: "a-b" is the one word "ab", as in the official script.
+    """
     segments: list[str] = []
     run = ""
     for char in text.lower().strip():
         if remove_punctuation and char in _CMRC_PUNCTUATION:
             continue
         if _CJK.match(char) or char in _CMRC_PUNCTUATION:
-            segments.extend(_WORDS.findall(run))
+            segments.extend(word_tokenize(run))
             run = ""
             segments.append(char)
         else:
             run += char
-    segments.extend(_WORDS.findall(run))
+    segments.extend(word_tokenize(run))
     return segments
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from bertforge import metrics
+from bertforge.nltk_words import word_tokenize
 
 
 def test_classification_binary_by_hand():
@@ -113,3 +114,44 @@ def test_cmrc_character_level():
     result = metrics.cmrc_metrics({"a": "北京", "b": "上海"}, {"a": ["北京", "京城"], "b": ["广州"], "c": ["x"]})
     assert result["exact_match"] == pytest.approx(100 / 3)
     assert result["f1"] == pytest.approx(100 / 3)
+
+
+# Expected values from the official cmrc2018_evaluate.py itself (run under Python 3 with nltk 3.9.1 and its English
+# punkt_tab model) on the same strings.
+@pytest.mark.parametrize("prediction, truth, f1", [
+    ("4", "4.5", 0.0),                  # "4.5" is one token
+    ("3.5", "3.5米", 2 / 3),             # ["3.5"] against ["3.5", "米"]: P 1, R 1/2
+    ("1", "1,000", 0.0),                # "1,000" is one token
+    ("don", "don't", 0.0),              # "do" + "n't"
+    ("a", "【a】", 0.0),                  # a mark outside the rules stays attached: "【a】"
+    ("0．37美元", "0.37美元", 2 / 3),     # a full-width point is a letter to nltk: "0．37" is not "0.37"
+])
+def test_cmrc_f1_segments_as_the_official_script(prediction, truth, f1):
+    assert metrics.cmrc_f1(prediction, truth) == pytest.approx(f1)
+    assert metrics.cmrc_f1(truth, prediction) == pytest.approx(f1)
+    assert metrics.cmrc_exact(prediction, truth) == 0.0
+
+
+def test_cmrc_segments_mixed_runs():
+    assert metrics.cmrc_segments("约4.5%的Don't") == ["约", "4.5", "%", "的", "do", "n't"]
+    # a dropped mark joins its neighbours into one run, and so one word, as in the official script
+    assert metrics.cmrc_segments("A-1型") == ["a1", "型"]
+    assert metrics.cmrc_segments("A-1型", remove_punctuation=False) == ["a", "-", "1", "型"]
+
+
+# Each tokenization below is what nltk.word_tokenize (nltk 3.9.1, English punkt_tab) returns for the same text.
+@pytest.mark.parametrize("text, words", [
+    ("t.f. gilbert", ["t.f", ".", "gilbert"]),                  # no abbreviation: a sentence ends, its period splits
+    ("henry a. walsh", ["henry", "a.", "walsh"]),               # an initial before a lower-case word
+    ("a. administrators", ["a", ".", "administrators"]),        # ... unless the model saw that word open sentences
+    ("church of st. paul", ["church", "of", "st.", "paul"]),    # an abbreviation the model lists
+    ("st francis 5. renunciation", ["st", "francis", "5.", "renunciation"]),  # a number before a lower-case word
+    ("e.g. by egi, 2001.", ["e.g", ".", "by", "egi", ",", "2001", "."]),
+    ("so. (yes.) no", ["so", ".", "(", "yes", ".", ")", "no"]),  # the bracket closes the sentence before it
+    ("hey! say! jump", ["hey", "!", "say", "!", "jump"]),
+    ('"c. lambei"', ["``", "c.", "lambei", "''"]),
+    ("it's 4.5% ... cannot", ["it", "'s", "4.5", "%", "...", "can", "not"]),
+    ("a—b", ["a—b"]),                                           # nltk 3.10 splits dashes; 3.9 does not
+])
+def test_word_tokenize_as_nltk(text, words):
+    assert word_tokenize(text) == words
