@@ -374,9 +374,3 @@ def iter_documents(path: Path, fmt: str | None, stats: CorpusStats) -> Iterator[
             stats.documents += 1
             stats.sentences += len(document)
             yield document
-
-
-def iter_corpus(paths: Iterable[Path], fmt: str | None, stats: CorpusStats) -> Iterator[list[str]]:
-    """`iter_documents` over several files in order."""
-    for path in paths:
-        yield from iter_documents(path, fmt, stats)
