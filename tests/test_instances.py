@@ -12,8 +12,8 @@ import pytest
 
 from bertforge.corpus import default_corpus_files
 from bertforge.data.dataset import PretrainData, PretrainDataset
-from bertforge.data.instances import (InstanceOptions, MaskingRule, SpecialTokens, TokenCorpus, final_permutation,
-                                      generate_exact, generate_fast, mask_batch, mask_tokens)
+from bertforge.data.instances import InstanceOptions, TokenCorpus, final_permutation, generate_exact, generate_fast
+from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch, mask_tokens
 from bertforge.data.prepare import tokenize_corpus
 from bertforge.data.shards import ShardWriter, finalize_data_dir
 from bertforge.data.spill import InstanceBatch

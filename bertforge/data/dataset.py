@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from bertforge.data.instances import MaskingRule, SpecialTokens, mask_batch
+from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
 from bertforge.files import sha256_file

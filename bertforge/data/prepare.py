@@ -35,8 +35,9 @@ from tqdm import tqdm
 import bertforge
 from bertforge.corpus import default_corpus_files
 from bertforge.data.corpus import DOCUMENT_DELIMITERS, CorpusStats, expand_inputs, iter_documents
-from bertforge.data.instances import (InstanceOptions, SpecialTokens, TokenCorpus,
-                                      continuation_flags, final_permutation, generate_exact, generate_fast)
+from bertforge.data.instances import (InstanceOptions, TokenCorpus, continuation_flags, final_permutation,
+                                      generate_exact, generate_fast)
+from bertforge.data.masking import SpecialTokens
 from bertforge.data.shards import ShardWriter, check_out_dir, finalize_data_dir, token_dtype
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
