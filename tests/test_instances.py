@@ -124,6 +124,13 @@ def test_mask_tokens_whole_words_fit_or_are_skipped():
         assert len(set(positions) & {1, 2, 3}) in (0, 3)
 
 
+def test_the_rule_counts_masks_alike_per_instance_and_per_batch():
+    for masked_lm_prob, max_predictions in ((0.15, 20), (0.5, 80), (0.1, 1000)):   # 0.5 x odd: ties round to even
+        counts = rule(masked_lm_prob, max_predictions, 300)
+        lengths = np.arange(1, 700)
+        assert counts.nums_to_predict(lengths).tolist() == [counts.num_to_predict(int(n)) for n in lengths]
+
+
 def test_mask_batch_never_touches_special_tokens_and_keeps_whole_words():
     subword = np.arange(300) % 3 == 1   # "##" pieces: they join the word before them
     ids = np.array([2] + list(range(5, 60)) + [3] + list(range(60, 100)) + [3])

@@ -48,6 +48,10 @@ class MaskingRule:
     def num_to_predict(self, length: int) -> int:
         return min(self.max_predictions, max(1, round(length * self.masked_lm_prob)))
 
+    def nums_to_predict(self, lengths: np.ndarray) -> np.ndarray:
+        """`num_to_predict` per length, vectorised (np.rint rounds half to even, as Python's round does)."""
+        return np.minimum(self.max_predictions, np.maximum(1, np.rint(lengths * self.masked_lm_prob))).astype(np.int64)
+
 
 class Masks(NamedTuple):
     """The masks of n instances (m in all), row-major: positions ascend within an instance."""
@@ -71,9 +75,7 @@ def mask_batch(grid: np.ndarray, lengths: np.ndarray, word_starts: np.ndarray | 
     candidate = np.arange(width)[None, :] < lengths[:, None]
     for never in rule.never_masked:
         candidate &= grid != never
-    distinct, which = np.unique(lengths, return_inverse=True)   # a few dozen lengths: the formula per length
-    num = np.array([rule.num_to_predict(int(length)) for length in distinct], dtype=np.int64)[which]
-    num = np.minimum(num, candidate.sum(axis=1))
+    num = np.minimum(rule.nums_to_predict(lengths), candidate.sum(axis=1))
     if word_starts is None:
         chosen = _choose_tokens(candidate, num, rule.max_predictions, rng)
     else:
@@ -131,16 +133,15 @@ def mask_tokens(ids: Sequence[int], rng: random.Random, rule: MaskingRule,
 
 def _choose_tokens(candidate: np.ndarray, num: np.ndarray, max_predictions: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """(n, width) bool: per row a uniform random subset of `num` candidate positions (a shuffle's first num)."""
+    """(n, width) bool: per row a uniform random subset of `num` candidate positions (a shuffle's first num):
+    the candidates whose random score is at most the row's num-th smallest."""
     n, width = candidate.shape
     scores = rng.random((n, width))
     scores[~candidate] = 2.0  # never among the smallest while a candidate is left
     k = min(max_predictions, width)
-    smallest = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < width else np.argsort(scores, axis=1)
-    ranked = np.take_along_axis(smallest, np.argsort(np.take_along_axis(scores, smallest, 1), axis=1), 1)
-    chosen = np.zeros((n, width), dtype=bool)
-    np.put_along_axis(chosen, ranked, np.arange(ranked.shape[1])[None, :] < num[:, None], axis=1)
-    return chosen
+    smallest = np.sort(np.partition(scores, k - 1, axis=1)[:, :k], axis=1)   # (n, k) ascending
+    threshold = smallest[np.arange(n), np.maximum(num, 1) - 1]
+    return (scores <= threshold[:, None]) & (num > 0)[:, None]
 
 
 def _choose_words(candidate: np.ndarray, starts: np.ndarray, num: np.ndarray,
@@ -157,17 +158,18 @@ def _choose_words(candidate: np.ndarray, starts: np.ndarray, num: np.ndarray,
     column = np.where(word >= 0, word, n_words)   # off-candidate positions count into a spare last column
     flat = (np.arange(n)[:, None] * (n_words + 1) + column).ravel()
     sizes = np.bincount(flat, minlength=n * (n_words + 1)).reshape(n, n_words + 1)[:, :n_words]
+    rows = np.arange(n)[:, None]
     ranked = np.argsort(np.where(sizes > 0, rng.random((n, n_words)), 2.0), axis=1)
-    ranked_sizes = np.take_along_axis(sizes, ranked, axis=1)
+    ranked_sizes = sizes[rows, ranked]
     taken = np.zeros((n, n_words), dtype=bool)
     count = np.zeros(n, dtype=np.int64)
-    for r in range(n_words):
+    for r in range(n_words):   # a word of size 0 (past a row's last word) covers no position: taking it is harmless
         size = ranked_sizes[:, r]
-        fits = (size > 0) & (count + size <= num)
+        fits = count + size <= num
         taken[:, r] = fits
-        count += np.where(fits, size, 0)
+        count += size * fits
         if (count >= num).all():
             break
     chosen_words = np.zeros((n, n_words + 1), dtype=bool)
-    np.put_along_axis(chosen_words, ranked, taken, axis=1)
-    return np.take_along_axis(chosen_words, column, axis=1)
+    chosen_words[rows, ranked] = taken
+    return chosen_words[rows, column]
