@@ -148,7 +148,8 @@ def test_mask_batch_never_touches_special_tokens_and_keeps_whole_words():
 
 # --- one masking rule, three ways to draw it ------------------------------------------------------------------------
 
-MASKING_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"##w{i}" if i % 3 == 2 else f"w{i}" for i in range(995)]
+MASKING_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                 *(f"##w{i}" if i % 3 == 2 else f"w{i}" for i in range(995))]   # every third word a "##" piece
 
 
 def synthetic_corpus(whole_word_mask: bool) -> TokenCorpus:

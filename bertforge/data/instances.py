@@ -282,7 +282,7 @@ def _build_fast(corpus: TokenCorpus, pairs: list[Pair], options: InstanceOptions
     la, lb = a1 - a0, b1 - b0
     lengths = la + lb + 3
 
-    n, width = len(pairs), int(lengths.max())
+    width = int(lengths.max())
     col = np.arange(width)[None, :]
     in_a = (col >= 1) & (col <= la[:, None])
     in_b = (col >= la[:, None] + 2) & (col < lengths[:, None] - 1)
