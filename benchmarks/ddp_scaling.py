@@ -25,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from bertforge.data.shards import Instance, ShardWriter, finalize_data_dir
+from bertforge.data.shards import ShardWriter, finalize_data_dir
 from bertforge.monitor import read_metrics
 from bertforge.tokenizer import load_tokenizer
 
@@ -41,15 +42,20 @@ def synthetic_data(out: Path, *, instances: int, seq_len: int, vocab_size: int, 
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True)
     masks = max(1, round(0.15 * seq_len))
+    half = seq_len // 2
+    candidates = np.delete(np.arange(1, seq_len - 1), half - 2)   # every position but [CLS] and the [SEP]s
     for split, count in (("train", instances), ("validation", 16)):
+        ids = rng.integers(len(SPECIALS), vocab_size, (count, seq_len))   # [CLS] A [SEP] B [SEP], len(A) = half - 2
+        ids[:, 0], ids[:, half - 1], ids[:, -1] = 2, 3, 3
+        order = np.argsort(rng.random((count, len(candidates))), axis=1)[:, :masks]
+        positions = np.sort(candidates[order], axis=1)
+        batch = SimpleNamespace(ids=ids.ravel(), offsets=np.arange(count + 1) * seq_len, a_len=np.full(count, half),
+                                is_random_next=np.arange(count) % 2 == 1, mask_offsets=np.arange(count + 1) * masks,
+                                masked_positions=positions.ravel(),
+                                masked_ids=np.take_along_axis(ids, positions, axis=1).ravel(),
+                                replacement_ids=np.full(count * masks, 4))
         with ShardWriter(tmp, split, vocab_size=vocab_size) as writer:
-            for i in range(count):
-                half = seq_len // 2
-                words = rng.integers(len(SPECIALS), vocab_size, seq_len - 3).tolist()
-                ids = [2, *words[:half - 2], 3, *words[half - 2:], 3]
-                positions = sorted(rng.choice(np.arange(1, seq_len - 1), size=masks, replace=False).tolist())
-                writer.add(Instance(ids=ids, a_len=half, is_random_next=bool(i % 2), masked_positions=positions,
-                                    masked_ids=[ids[p] for p in positions], replacement_ids=[4] * masks))
+            writer.add_batch(batch)
     vocab = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
     (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = load_tokenizer(tmp / "vocab.txt")

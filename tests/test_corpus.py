@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bertforge.data.corpus import (CorpusStats, detect_format, expand_inputs, iter_corpus, iter_documents,
-                                   split_sentences)
+from bertforge.data.corpus import CorpusStats, detect_format, expand_inputs, iter_documents, split_sentences
 from bertforge.errors import BertforgeError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -139,7 +138,7 @@ def test_compressed_inputs_read_like_plain(tmp_path: Path) -> None:
 def test_latin1_gutenberg_bytes_are_replaced_and_counted() -> None:
     books = sorted(GUTENBERG.glob("*.txt.gz"))
     stats = CorpusStats()
-    documents = list(iter_corpus(books, "text", stats))
+    documents = [document for book in books for document in iter_documents(book, "text", stats)]
     assert len(documents) == stats.documents == len(books) == 14     # a book is one document
     expected = {}
     for book in books:

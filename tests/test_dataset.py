@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bertforge.data import shards
-from bertforge.data.dataset import PretrainData, PretrainDataset, SpecialIds, collate_pretrain, mask_instance
+from bertforge.data.dataset import PretrainData, PretrainDataset, SpecialIds, collate_pretrain
 from bertforge.errors import BertforgeError
 from test_shards import CLS, MASK, PAD, SEP, assert_same, build_data, make_vocab, random_instances
 
@@ -198,25 +198,6 @@ def test_dynamic_masking_statistics(corpus):
     assert 0.13 < chosen / candidates < 0.17  # 15% of the sequence, capped by max_predictions
     assert abs(masked / chosen - 0.8) < 0.015
     assert abs(kept / chosen - 0.1) < 0.012 and abs(randomised / chosen - 0.1) < 0.012
-
-
-def test_mask_instance_never_touches_special_tokens_and_keeps_whole_words():
-    vocab = make_vocab(300)
-    subword = np.array([token.startswith("##") for token in vocab])
-    rng = np.random.default_rng(0)
-    ids = np.array([CLS] + list(range(5, 60)) + [SEP] + list(range(60, 100)) + [SEP] + [PAD] * 20)
-    for _ in range(200):
-        out, positions, labels = mask_instance(ids, rng, masked_lm_prob=0.5, max_predictions=200, vocab_size=300,
-                                               mask_id=MASK, never_mask=np.array([PAD, CLS, SEP]),
-                                               subword_flags=subword)
-        assert not np.isin(ids[positions], [PAD, CLS, SEP]).any() and (labels == ids[positions]).all()
-        chosen = set(positions.tolist())
-        for p in range(1, len(ids)):  # a "##" piece is masked exactly when the piece before it is
-            if subword[ids[p]] and ids[p - 1] not in (CLS, SEP, PAD):
-                assert (p in chosen) == (p - 1 in chosen)
-    nothing = mask_instance(np.array([CLS, SEP, SEP]), rng, masked_lm_prob=0.15, max_predictions=20,
-                            vocab_size=300, mask_id=MASK, never_mask=np.array([PAD, CLS, SEP]))
-    assert nothing[1].size == 0
 
 
 def test_dataloader_with_workers(corpus):

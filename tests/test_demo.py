@@ -9,10 +9,11 @@ import torch
 
 from bertforge.cli import main
 from bertforge.config import ModelConfig
-from bertforge.data.shards import Instance, ShardWriter, finalize_data_dir
+from bertforge.data.shards import finalize_data_dir
 from bertforge.demo import MARKER, fill_mask, next_sentence_probability, validation_baselines
 from bertforge.heads import BertForPreTraining
 from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
+from training_data import Instance, write_split
 
 WORDS = ["the", "man", "went", "to", "store", "he", "bought", "milk", "a", "of", "."]
 VOCAB = [*SPECIAL_TOKENS, *WORDS]
@@ -21,9 +22,7 @@ VOCAB = [*SPECIAL_TOKENS, *WORDS]
 def write_data(path, instances: dict[str, list[Instance]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     for split, items in instances.items():
-        with ShardWriter(tmp, split, vocab_size=len(VOCAB)) as writer:
-            for item in items:
-                writer.add(item)
+        write_split(tmp, split, items, vocab_size=len(VOCAB))
     (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     finalize_data_dir(tmp, path, {"options": {"max_seq_len": 16, "max_predictions": 4}}, overwrite=False)
 

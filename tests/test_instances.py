@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from bertforge.corpus import default_corpus_files
-from bertforge.data.instances import (InstanceOptions, SpecialTokens, TokenCorpus, final_permutation, generate_exact,
-                                      generate_fast, mask_tokens)
+from bertforge.data.dataset import PretrainData, PretrainDataset
+from bertforge.data.instances import InstanceOptions, TokenCorpus, final_permutation, generate_exact, generate_fast
+from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch, mask_tokens
 from bertforge.data.prepare import tokenize_corpus
+from bertforge.data.shards import ShardWriter, finalize_data_dir
 from bertforge.data.spill import InstanceBatch
 from bertforge.errors import BertforgeError
 from bertforge.tokenizer import load_tokenizer
@@ -90,19 +92,22 @@ def test_exact_reproduces_reference(case):
 
 # --- mask_tokens ---------------------------------------------------------------------------------------------------
 
+def rule(masked_lm_prob: float, max_predictions: int, vocab_size: int) -> MaskingRule:
+    """[CLS] = 2, [SEP] = 3, [MASK] = 4."""
+    return MaskingRule(masked_lm_prob=masked_lm_prob, max_predictions=max_predictions,
+                       special=SpecialTokens(2, 3, 4, vocab_size))
+
+
 def test_mask_tokens_counts_specials_and_order():
     ids = [2] + list(range(100, 140)) + [3] + list(range(200, 220)) + [3]   # [CLS] 40 [SEP] 20 [SEP]
-    positions, original, replaced = mask_tokens(ids, random.Random(0), masked_lm_prob=0.15, max_predictions=20,
-                                                vocab_size=300, special_ids={2, 3}, mask_id=4)
+    positions, original, replaced = mask_tokens(ids, random.Random(0), rule(0.15, 20, 300))
     assert len(positions) == round(len(ids) * 0.15) == 9
     assert positions == sorted(set(positions)) and all(ids[p] not in (2, 3) for p in positions)
     assert original == [ids[p] for p in positions]
     assert len(replaced) == len(positions)
-    short = mask_tokens([2, 7, 3, 8, 3], random.Random(0), masked_lm_prob=0.15, max_predictions=20, vocab_size=300,
-                        special_ids={2, 3}, mask_id=4)
+    short = mask_tokens([2, 7, 3, 8, 3], random.Random(0), rule(0.15, 20, 300))
     assert len(short[0]) == 1   # max(1, round(0.75))
-    capped = mask_tokens(ids, random.Random(0), masked_lm_prob=0.5, max_predictions=5, vocab_size=300,
-                         special_ids={2, 3}, mask_id=4)
+    capped = mask_tokens(ids, random.Random(0), rule(0.5, 5, 300))
     assert len(capped[0]) == 5
 
 
@@ -111,14 +116,112 @@ def test_mask_tokens_whole_words_fit_or_are_skipped():
     ids = [2, 10, 11, 12, 20, 21, 22, 23, 24, 25, 3, 3]
     starts = [True, True, False, False, True, True, True, True, True, True, True, True]
     for seed in range(50):
-        positions, _, _ = mask_tokens(ids, random.Random(seed), masked_lm_prob=0.2, max_predictions=20,
-                                      vocab_size=100, special_ids={2, 3}, mask_id=4, word_starts=starts)
+        positions, _, _ = mask_tokens(ids, random.Random(seed), rule(0.2, 20, 100), starts)
         assert len(positions) == 2 and not set(positions) & {1, 2, 3}
     # with room for it, a masked word is masked whole
     for seed in range(50):
-        positions, _, _ = mask_tokens(ids, random.Random(seed), masked_lm_prob=0.5, max_predictions=20,
-                                      vocab_size=100, special_ids={2, 3}, mask_id=4, word_starts=starts)
+        positions, _, _ = mask_tokens(ids, random.Random(seed), rule(0.5, 20, 100), starts)
         assert len(set(positions) & {1, 2, 3}) in (0, 3)
+
+
+def test_the_rule_counts_masks_alike_per_instance_and_per_batch():
+    for masked_lm_prob, max_predictions in ((0.15, 20), (0.5, 80), (0.1, 1000)):   # 0.5 x odd: ties round to even
+        counts = rule(masked_lm_prob, max_predictions, 300)
+        lengths = np.arange(1, 700)
+        assert counts.nums_to_predict(lengths).tolist() == [counts.num_to_predict(int(n)) for n in lengths]
+
+
+def test_mask_batch_never_touches_special_tokens_and_keeps_whole_words():
+    subword = np.arange(300) % 3 == 1   # "##" pieces: they join the word before them
+    ids = np.array([2] + list(range(5, 60)) + [3] + list(range(60, 100)) + [3])
+    generator = np.random.default_rng(0)
+    for _ in range(200):
+        masks = mask_batch(ids[None, :], np.array([len(ids)]), ~subword[ids][None, :], rule(0.5, 200, 300), generator)
+        assert not np.isin(ids[masks.positions], [2, 3]).any() and (masks.labels == ids[masks.positions]).all()
+        chosen = set(masks.positions.tolist())
+        for p in range(1, len(ids)):  # a "##" piece is masked exactly when the piece before it is
+            if subword[ids[p]] and ids[p - 1] not in (2, 3):
+                assert (p in chosen) == (p - 1 in chosen)
+    nothing = mask_batch(np.array([[2, 3, 3]]), np.array([3]), None, rule(0.15, 20, 300), generator)
+    assert nothing.positions.size == 0 and nothing.counts.tolist() == [0]
+
+
+# --- one masking rule, three ways to draw it ------------------------------------------------------------------------
+
+MASKING_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                 *(f"##w{i}" if i % 3 == 2 else f"w{i}" for i in range(995))]   # every third word a "##" piece
+
+
+def synthetic_corpus(whole_word_mask: bool) -> TokenCorpus:
+    """80 documents of 10-30 sentences of 3-30 random word ids ("##" pieces continue their word, as prepare
+    marks them for --whole-word-mask)."""
+    generator = np.random.default_rng(0)
+    sentences = generator.integers(10, 31, 80)
+    lengths = generator.integers(3, 31, int(sentences.sum()))
+    tokens = generator.integers(5, len(MASKING_VOCAB), int(lengths.sum())).astype(np.int32)
+    continuation = np.array([token.startswith("##") for token in MASKING_VOCAB])
+    return TokenCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]), np.concatenate([[0], np.cumsum(sentences)]),
+                       ~continuation[tokens] if whole_word_mask else None)
+
+
+def dynamic_masks(batch: InstanceBatch, options: InstanceOptions, folder: Path) -> list[tuple]:
+    """`batch` stored as a DATA folder and redrawn by `PretrainDataset(dynamic_masking=True)`, as `rows` gives them."""
+    tmp = folder / "tmp"
+    with ShardWriter(tmp, "train", vocab_size=len(MASKING_VOCAB)) as writer:
+        writer.add_batch(batch)
+    (tmp / "vocab.txt").write_text("\n".join(MASKING_VOCAB) + "\n", encoding="utf-8")
+    manifest = {"options": {"max_seq_len": options.max_seq_len, "max_predictions": options.max_predictions,
+                            "masked_lm_prob": options.masked_lm_prob, "whole_word_mask": options.whole_word_mask}}
+    finalize_data_dir(tmp, folder / "DATA", manifest, overwrite=False)
+    dataset = PretrainDataset(PretrainData(folder / "DATA").split("train"), dynamic_masking=True, seed=4)
+    items = [dataset[i] for i in range(len(dataset))]
+    return [(item["original_ids"], int(len(item["token_type_ids"]) - item["token_type_ids"].sum()), None,
+             item["masked_lm_positions"], item["masked_lm_ids"], item["input_ids"][item["masked_lm_positions"]], None)
+            for item in items]
+
+
+def masking_statistics(instances: list[tuple], options: InstanceOptions) -> dict[str, float]:
+    """Share of tokens masked, the [MASK] / same / random split, and the share of masks in segment A next to the
+    share of maskable tokens there; asserts that no mask lands on [CLS]/[SEP] and none exceeds num_to_predict."""
+    tokens = masks = in_a = candidates_in_a = candidates = mask_token = same = 0
+    for ids, a_len, _, positions, labels, replacements, _ in instances:
+        assert not np.isin(ids[positions], [2, 3]).any() and np.array_equal(labels, ids[positions])
+        want = min(options.max_predictions, max(1, round(len(ids) * options.masked_lm_prob)))
+        assert len(positions) == want if not options.whole_word_mask else 0 < len(positions) <= want
+        maskable = ~np.isin(ids, [2, 3])
+        tokens += len(ids)
+        masks += len(positions)
+        in_a += int((positions < a_len).sum())
+        candidates += int(maskable.sum())
+        candidates_in_a += int(maskable[:a_len].sum())
+        mask_token += int((replacements == 4).sum())
+        same += int((replacements == labels).sum())
+    return {"masked": masks / tokens, "mask": mask_token / masks, "same": same / masks,
+            "random": 1 - (mask_token + same) / masks, "a_bias": in_a / masks - candidates_in_a / candidates,
+            "masks": masks}
+
+
+@pytest.mark.parametrize("whole_word_mask", [False, True], ids=["tokens", "whole-words"])
+def test_fast_exact_and_dynamic_masking_draw_the_same_distribution(tmp_path, whole_word_mask):
+    """About 2,500 instances and 41,000 masks per mode: one standard deviation of the [MASK] share is 0.002,
+    of the same / random shares 0.0015, of the A bias 0.0025-0.003 (whole words cluster); the tolerances are
+    5-6 of them. The masked share is the rule's count, not a draw: the modes agree on it closely."""
+    options = InstanceOptions(dupe_factor=7, whole_word_mask=whole_word_mask)
+    corpus = synthetic_corpus(whole_word_mask)
+    special = SpecialTokens(2, 3, 4, len(MASKING_VOCAB))
+    exact_batch = InstanceBatch.concatenate(list(generate_exact(corpus, np.arange(corpus.num_documents), options,
+                                                                special, random.Random(1))))
+    fast_batch = fast(corpus, options, special, 2)
+    modes = {"exact": list(rows(exact_batch)), "fast": list(rows(fast_batch)),
+             "dynamic": dynamic_masks(exact_batch, options, tmp_path)}
+    stats = {mode: masking_statistics(instances, options) for mode, instances in modes.items()}
+    for mode, figures in stats.items():
+        assert figures["masks"] > 40_000, mode
+        assert abs(figures["masked"] - 0.15) < 0.01, (mode, figures)
+        assert abs(figures["mask"] - 0.8) < 0.01, (mode, figures)
+        assert abs(figures["same"] - 0.1) < 0.008 and abs(figures["random"] - 0.1) < 0.008, (mode, figures)
+        assert abs(figures["a_bias"]) < 0.015, (mode, figures)
+        assert abs(figures["masked"] - stats["exact"]["masked"]) < 0.004, (mode, figures)
 
 
 def test_options_are_validated():

@@ -95,6 +95,56 @@ def test_validation_fraction_edge_cases(tmp_path):
     assert manifest["splits"]["train"]["instances"] == 3 and manifest["counts"]["is_random_next"] == 3
 
 
+# --- too few documents: one warning line ----------------------------------------------------------------------------
+
+def warnings_of(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "warning" in line]
+
+
+def documents_file(path: Path, documents: int) -> Path:
+    """`documents` documents of three sentences in the `lines` format (a blank line between documents)."""
+    path.write_text("".join(f"the man went to the store number {d} .\nhe bought a gallon of milk .\n"
+                            f"it was a long walk home .\n\n" for d in range(documents)))
+    return path
+
+
+@needs_shared
+def test_one_document_corpus_warns_in_one_line_what_to_do(tmp_path, capsys):
+    """The 中文 quick start on articles concatenated into one file: `--format text` reads it as one document."""
+    articles = sorted((DATA / "zh_pretrain" / "zhwiki_readwiki100" / "words_txt").glob("*.txt.gz"))[:3]
+    joined = tmp_path / "all.txt"
+    joined.write_text("\n\n".join(gzip.open(path, "rt", encoding="utf-8").read() for path in articles),
+                      encoding="utf-8")
+    code, err = run_cli(capsys, str(joined), "--tokenizer", str(ZH_VOCAB), "--out", str(tmp_path / "DATA"),
+                        "--format", "text", "--chinese-wwm", "--dupe-factor", "1", "--quiet")
+    assert code == 0
+    [warning] = warnings_of(err)
+    assert warning.startswith("bertforge: warning: the corpus is 1 document, so every NotNext pair")
+    assert "--validation-fraction 0.01 leaves the validation split empty" in warning
+    assert "--format text reads each file as one document" in warning and "one file per article" in warning
+    assert PretrainData(tmp_path / "DATA").splits == ["train"]
+
+
+def test_one_document_validation_split_warns(tmp_path, capsys):
+    corpus = documents_file(tmp_path / "ten.txt", 10)
+    code, err = run_cli(capsys, str(corpus), "--tokenizer", str(EN_VOCAB), "--out", str(tmp_path / "DATA"),
+                        "--validation-fraction", "0.1", "--dupe-factor", "1", "--quiet")
+    assert code == 0
+    [warning] = warnings_of(err)
+    assert warning.startswith("bertforge: warning: the validation split holds 1 document (10 documents in all)")
+    assert warning.endswith("raise --validation-fraction to 0.2 (2 documents) or give more documents")
+    code, err = run_cli(capsys, str(corpus), "--tokenizer", str(EN_VOCAB), "--out", str(tmp_path / "DATA"),
+                        "--validation-fraction", "0.2", "--dupe-factor", "1", "--quiet", "--overwrite")
+    assert code == 0 and warnings_of(err) == []
+
+
+def test_no_warning_on_a_corpus_of_many_documents(tmp_path, capsys):
+    corpus = documents_file(tmp_path / "many.txt", 200)
+    code, err = run_cli(capsys, str(corpus), "--tokenizer", str(EN_VOCAB), "--out", str(tmp_path / "DATA"),
+                        "--dupe-factor", "1", "--quiet")
+    assert code == 0 and warnings_of(err) == [] and "200 documents" in err
+
+
 def test_non_utf8_bytes_are_counted_and_long_lines_handled(tmp_path):
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9 au lait is nice .\nna\xefve people drink it .\n\n".encode("latin-1")

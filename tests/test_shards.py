@@ -9,15 +9,15 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from bertforge.data import shards
 from bertforge.data.dataset import PretrainData
-from bertforge.data.shards import Instance, ShardWriter, finalize_data_dir, is_data_dir
+from bertforge.data.shards import ShardWriter, finalize_data_dir, is_data_dir
 from bertforge.errors import BertforgeError
+from training_data import Instance, flat, write_split
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -55,10 +55,8 @@ def build_data(out: Path, splits: dict[str, list[Instance]], vocab_size: int, *,
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier refused finalize
     tmp.mkdir(parents=True)
     for split, instances in splits.items():
-        with ShardWriter(tmp, split, vocab_size=vocab_size, shard_instances=shard_instances,
-                         chunk_instances=chunk_instances) as writer:
-            for inst in instances:
-                writer.add(inst)
+        write_split(tmp, split, instances, vocab_size=vocab_size, shard_instances=shard_instances,
+                    chunk_instances=chunk_instances)
     (tmp / "vocab.txt").write_text("\n".join(make_vocab(vocab_size)) + "\n", encoding="utf-8")
     base = {"vocab_hash": "test", "do_lower_case": True,
             "options": {"max_seq_len": 64, "max_predictions": 8, "masked_lm_prob": 0.15}}
@@ -109,8 +107,7 @@ def test_instances_without_masks(tmp_path):
 
 def test_close_reports_every_file_with_size_and_sha256(tmp_path):
     writer = ShardWriter(tmp_path, "train", vocab_size=300, shard_instances=10)
-    for inst in random_instances(np.random.default_rng(2), 25, 300):
-        writer.add(inst)
+    writer.add_batch(flat(random_instances(np.random.default_rng(2), 25, 300)))
     files = writer.close()
     assert len(files) == 3 * len(shards.FIELDS)
     assert {f["instances"] for f in files} == {10, 5}
@@ -120,44 +117,24 @@ def test_close_reports_every_file_with_size_and_sha256(tmp_path):
         assert record["sha256"] == hashlib.sha256(raw).hexdigest()
 
 
-def flat(instances: list[Instance]) -> SimpleNamespace:
-    """The instances as one flat batch (the layout `ShardWriter.add_batch` takes)."""
-    def offsets(lists):
-        return np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
-
-    return SimpleNamespace(
-        ids=np.array([t for i in instances for t in i.ids], dtype=np.int32),
-        offsets=offsets([i.ids for i in instances]),
-        a_len=np.array([i.a_len for i in instances]), is_random_next=np.array([i.is_random_next for i in instances]),
-        mask_offsets=offsets([i.masked_positions for i in instances]),
-        masked_positions=np.array([p for i in instances for p in i.masked_positions], dtype=np.int64),
-        masked_ids=np.array([p for i in instances for p in i.masked_ids], dtype=np.int64),
-        replacement_ids=np.array([p for i in instances for p in i.replacement_ids], dtype=np.int64))
-
-
-def test_add_batch_writes_the_same_bytes_as_add(tmp_path):
+def test_batches_cut_anywhere_write_the_same_bytes(tmp_path):
     instances = random_instances(np.random.default_rng(8), 300, 1000)
-    one_by_one = ShardWriter(tmp_path / "a", "train", vocab_size=1000, shard_instances=70, chunk_instances=32)
-    for inst in instances:
-        one_by_one.add(inst)
-    batched = ShardWriter(tmp_path / "b", "train", vocab_size=1000, shard_instances=70, chunk_instances=32)
-    for inst in instances[:5]:
-        batched.add(inst)
-    batched.add_batch(flat(instances[5:200]))
-    batched.add_batch(flat(instances[200:]))
-    assert one_by_one.close() == batched.close()
+    whole = ShardWriter(tmp_path / "a", "train", vocab_size=1000, shard_instances=70, chunk_instances=32)
+    whole.add_batch(flat(instances))
+    pieces = ShardWriter(tmp_path / "b", "train", vocab_size=1000, shard_instances=70, chunk_instances=32)
+    for start, stop in ((0, 5), (5, 200), (200, 300)):
+        pieces.add_batch(flat(instances[start:stop]))
+    assert whole.close() == pieces.close()
     finalize_data_dir(tmp_path / "b", tmp_path / "DATA", {}, overwrite=False)
     assert_same(PretrainData(tmp_path / "DATA").split("train"), instances)
 
 
-def test_writer_streams_chunks_to_disk(tmp_path):
+def test_writer_streams_each_batch_to_disk(tmp_path):
     writer = ShardWriter(tmp_path, "train", vocab_size=300, chunk_instances=10)
     instances = random_instances(np.random.default_rng(3), 25, 300)
-    for inst in instances:
-        writer.add(inst)
-    written = writer._files["tokens"].bytes  # handed to the file; only the last partial chunk is held
-    assert written == 2 * sum(len(inst.ids) for inst in instances[:20])
-    assert len(writer._lengths) == 5
+    writer.add_batch(flat(instances))
+    written = writer._files["tokens"].bytes  # handed to the file in chunks of 10: nothing is held back
+    assert written == 2 * sum(len(inst.ids) for inst in instances)
     writer.close()
 
 
@@ -177,15 +154,13 @@ def test_writer_rejects_malformed_instances(tmp_path, bad):
         inst.replacement_ids = [MASK]
     writer = ShardWriter(tmp_path, "train", vocab_size=300)
     with pytest.raises(ValueError):
-        writer.add(inst)
+        writer.add_batch(flat([inst]))
         writer.close()
 
 
 def test_unfinished_folder_is_not_data(tmp_path):
     tmp = tmp_path / "DATA.tmp"
-    with ShardWriter(tmp, "train", vocab_size=300) as writer:
-        for inst in random_instances(np.random.default_rng(4), 5, 300):
-            writer.add(inst)
+    write_split(tmp, "train", random_instances(np.random.default_rng(4), 5, 300), vocab_size=300)
     assert not is_data_dir(tmp)
     with pytest.raises(BertforgeError, match="incomplete"):
         PretrainData(tmp)

@@ -37,6 +37,14 @@ import zstandard
 from bertforge.errors import BertforgeError
 
 FORMATS = ("lines", "text", "jsonl", "wikiextractor")
+# How each format delimits documents: NSP draws a NotNext B from another document, and validation holds out
+# whole documents, so a corpus read as too few documents is named with this in `bertforge prepare`'s warning.
+DOCUMENT_DELIMITERS = {
+    "lines": "ends a document at a blank line",
+    "text": "reads each file as one document (blank lines separate paragraphs)",
+    "jsonl": "reads each line as one document",
+    "wikiextractor": "reads each <doc> block as one document",
+}
 
 _SAMPLE_BYTES = 64 * 1024
 # A sample with more undecodable bytes than this share is not text in any encoding we could usefully read.
@@ -374,9 +382,3 @@ def iter_documents(path: Path, fmt: str | None, stats: CorpusStats) -> Iterator[
             stats.documents += 1
             stats.sentences += len(document)
             yield document
-
-
-def iter_corpus(paths: Iterable[Path], fmt: str | None, stats: CorpusStats) -> Iterator[list[str]]:
-    """`iter_documents` over several files in order."""
-    for path in paths:
-        yield from iter_documents(path, fmt, stats)

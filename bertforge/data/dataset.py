@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
 from bertforge.files import sha256_file
@@ -94,7 +95,7 @@ class SpecialIds:
 class InstanceStore:
     """One split's instances over memory-mapped shards; `store[i]` is O(1) (binary search over shard ends)."""
 
-    def __init__(self, root: Path, split: str, shards: list[dict], *, data: PretrainData | None = None) -> None:
+    def __init__(self, root: Path, split: str, shards: list[dict], *, data: PretrainData) -> None:
         self.root = Path(root)
         self.split = split
         self.data = data
@@ -232,79 +233,28 @@ class PretrainData:
         return InstanceStore(self.path, name, shards, data=self)
 
 
-def mask_instance(original_ids: np.ndarray, rng: np.random.Generator, *, masked_lm_prob: float,
-                  max_predictions: int, vocab_size: int, mask_id: int, never_mask: np.ndarray,
-                  subword_flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The reference's MLM draw on one instance: returns (input_ids (L,), positions (P,), labels (P,)), int64.
-
-    Candidates are positions whose id is not in `never_mask` ([CLS], [SEP], [PAD]); with `subword_flags` a "##"
-    piece joins the previous candidate word. Words are shuffled and taken while they fit in
-    num_to_predict = min(max_predictions, max(1, round(L * masked_lm_prob))) (a word that would overshoot is
-    skipped). Each chosen position becomes [MASK] with p 0.8, stays with p 0.1, a uniform vocabulary id with p 0.1.
-    """
-    allowed = np.ones(len(original_ids), dtype=bool)
-    for special in never_mask.tolist():  # a few comparisons beat np.isin's sort on ~128 ids
-        allowed &= original_ids != special
-    candidates = np.flatnonzero(allowed)
-    input_ids = original_ids.astype(np.int64, copy=True)
-    if candidates.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return input_ids, empty, empty
-    num_to_predict = min(max_predictions, max(1, round(len(original_ids) * masked_lm_prob)))
-    if subword_flags is None:
-        chosen = candidates[rng.permutation(candidates.size)[:num_to_predict]]
-    else:
-        starts = ~subword_flags[original_ids[candidates]]
-        starts[0] = True
-        words = np.split(candidates, np.flatnonzero(starts)[1:])
-        picked: list[np.ndarray] = []
-        covered = 0
-        for w in rng.permutation(len(words)):
-            if covered >= num_to_predict:
-                break
-            if covered + len(words[w]) <= num_to_predict:
-                picked.append(words[w])
-                covered += len(words[w])
-        chosen = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-    labels = original_ids[chosen].astype(np.int64)
-    keep_or_random = rng.random(chosen.size) >= 0.8
-    keep = rng.random(chosen.size) < 0.5
-    random_ids = rng.integers(0, vocab_size, chosen.size)
-    input_ids[chosen] = np.where(keep_or_random, np.where(keep, labels, random_ids), mask_id)
-    order = np.argsort(chosen, kind="stable")
-    return input_ids, chosen[order].astype(np.int64), labels[order]
-
-
 class PretrainDataset(torch.utils.data.Dataset):
     """A torch Dataset over an InstanceStore; with `dynamic_masking` the masks are redrawn per (seed, epoch, index).
 
-    Unset options come from the store's DATA manifest. Call `set_epoch` before each epoch (with DataLoader
-    workers, before the iterator is created: persistent workers keep the epoch they were started with).
-    Whole-word masking redraws whole "##" words; Chinese (jieba) word boundaries are not stored, so
-    `--chinese-wwm` data is redrawn per "##" word (per character for Chinese) under dynamic masking.
+    Dynamic masking follows the DATA folder's masking options with the rule prepare used (`MaskingRule`, drawn by
+    `mask_batch`). Call `set_epoch` before each epoch (with DataLoader workers, before the iterator is created:
+    persistent workers keep the epoch they were started with). Whole-word masking redraws whole "##" words;
+    Chinese (jieba) word boundaries are not stored, so `--chinese-wwm` data is redrawn per "##" word (per
+    character for Chinese) under dynamic masking.
     """
 
-    def __init__(self, store: InstanceStore, *, dynamic_masking: bool = False, seed: int = 0,
-                 masked_lm_prob: float | None = None, max_predictions: int | None = None,
-                 vocab_size: int | None = None, special_ids: SpecialIds | None = None,
-                 whole_word_mask: bool | None = None) -> None:
+    def __init__(self, store: InstanceStore, *, dynamic_masking: bool = False, seed: int = 0) -> None:
         self.store = store
         self.dynamic_masking = dynamic_masking
         self.seed = seed
         self.epoch = 0
-        if not dynamic_masking:
-            return
-        data = store.data
-        if data is None and None in (masked_lm_prob, max_predictions, vocab_size, special_ids, whole_word_mask):
-            raise ValueError("dynamic masking needs every masking option when the store has no DATA folder")
-        self.masked_lm_prob = masked_lm_prob if masked_lm_prob is not None else data.masked_lm_prob
-        self.max_predictions = max_predictions if max_predictions is not None else data.max_predictions
-        self.vocab_size = vocab_size if vocab_size is not None else data.vocab_size
-        special = special_ids if special_ids is not None else data.special_ids
-        self.mask_id = special.mask
-        self.never_mask = np.array([special.pad, special.cls, special.sep], dtype=np.int64)
-        wwm = whole_word_mask if whole_word_mask is not None else data.whole_word_mask
-        self.subword_flags = data.subword_flags if wwm else None
+        if dynamic_masking:
+            data = store.data
+            special = SpecialTokens(data.special_ids.cls, data.special_ids.sep, data.special_ids.mask,
+                                    data.vocab_size)
+            self.rule = MaskingRule(masked_lm_prob=data.masked_lm_prob, max_predictions=data.max_predictions,
+                                    special=special)
+            self.subword_flags = data.subword_flags if data.whole_word_mask else None
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose masks `__getitem__` draws (dynamic masking only changes anything)."""
@@ -317,12 +267,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         item = self.store[index]
         if self.dynamic_masking:
             index = index + len(self.store) if index < 0 else index
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            input_ids, positions, labels = mask_instance(
-                item["original_ids"], rng, masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions,
-                vocab_size=self.vocab_size, mask_id=self.mask_id, never_mask=self.never_mask,
-                subword_flags=self.subword_flags)
-            item.update(input_ids=input_ids, masked_lm_positions=positions, masked_lm_ids=labels)
+            original = item["original_ids"]
+            starts = None if self.subword_flags is None else ~self.subword_flags[original][None, :]
+            masks = mask_batch(original[None, :], np.array([len(original)]), starts, self.rule,
+                               np.random.default_rng([self.seed, self.epoch, index]))
+            input_ids = original.copy()
+            input_ids[masks.positions] = masks.replacements
+            item.update(input_ids=input_ids, masked_lm_positions=masks.positions, masked_lm_ids=masks.labels)
         return item
 
 

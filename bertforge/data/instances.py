@@ -14,6 +14,9 @@ longer side (front or back at random), then 15% of the tokens masked 80/10/10. T
   vectorised over batches in numpy. The RNG draws differ but every distribution is the reference's: the number
   of tokens cut from each side follows the same deterministic longer-side rule, the front/back split is the
   same Binomial(k, 1/2), and the masked set is a uniform subset of the candidates of the same size.
+
+Both drivers mask with the one MLM rule of `bertforge.data.masking`: `generate_exact` with `mask_tokens` (the
+reference's RNG call order), `generate_fast` with `mask_batch`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch, mask_tokens
 from bertforge.data.spill import InstanceBatch
 from bertforge.errors import BertforgeError
 
@@ -55,15 +59,8 @@ class InstanceOptions:
         if self.max_predictions < 1:
             raise BertforgeError(f"--max-predictions must be at least 1, got {self.max_predictions}")
 
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The ids the generator inserts or draws: [CLS], [SEP], [MASK], and the vocabulary size (random ids)."""
-
-    cls_id: int
-    sep_id: int
-    mask_id: int
-    vocab_size: int
+    def masking(self, special: SpecialTokens) -> MaskingRule:
+        return MaskingRule(masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions, special=special)
 
 
 @dataclass
@@ -90,52 +87,6 @@ class TokenCorpus:
 def continuation_flags(vocab: Sequence[str]) -> np.ndarray:
     """(V,) bool: True for "##" pieces, which whole-word masking attaches to the previous word."""
     return np.fromiter((token.startswith("##") for token in vocab), dtype=bool, count=len(vocab))
-
-
-# --- MLM ---------------------------------------------------------------------------------------------------------
-
-def mask_tokens(ids: Sequence[int], rng: random.Random, *, masked_lm_prob: float, max_predictions: int,
-                vocab_size: int, special_ids: set[int] | frozenset[int], mask_id: int,
-                word_starts: Sequence[bool] | None = None) -> tuple[list[int], list[int], list[int]]:
-    """The reference's MLM draw on one instance (`create_masked_lm_predictions`), in its exact RNG order.
-
-    ids: (L,) unmasked ids. Candidates are the positions whose id is not in `special_ids`; with `word_starts`
-    (L,) a token whose flag is False joins the previous candidate word. Words are shuffled and taken while they
-    fit in num_to_predict = min(max_predictions, max(1, round(L * masked_lm_prob))) (a word that would overshoot
-    is skipped). Each chosen position becomes [MASK] with p 0.8, else stays with p 0.5, else gets a uniform
-    vocabulary id. Returns (positions (P,) ascending, original_ids (P,), replacement_ids (P,)).
-    """
-    num_to_predict = min(max_predictions, max(1, round(len(ids) * masked_lm_prob)))
-    if word_starts is None:
-        chosen = [i for i, token in enumerate(ids) if token not in special_ids]
-        rng.shuffle(chosen)
-        del chosen[num_to_predict:]
-    else:
-        words: list[list[int]] = []
-        for i, token in enumerate(ids):
-            if token in special_ids:
-                continue
-            if words and not word_starts[i]:
-                words[-1].append(i)
-            else:
-                words.append([i])
-        rng.shuffle(words)
-        chosen = []
-        for word in words:
-            if len(chosen) >= num_to_predict:
-                break
-            if len(chosen) + len(word) <= num_to_predict:
-                chosen.extend(word)
-    draws = []
-    for position in chosen:
-        if rng.random() < 0.8:
-            draws.append((position, mask_id))
-        elif rng.random() < 0.5:
-            draws.append((position, ids[position]))
-        else:
-            draws.append((position, rng.randint(0, vocab_size - 1)))
-    draws.sort()
-    return [p for p, _ in draws], [ids[p] for p, _ in draws], [r for _, r in draws]
 
 
 # --- NSP pairs -----------------------------------------------------------------------------------------------------
@@ -253,7 +204,7 @@ def generate_exact(corpus: TokenCorpus, documents: np.ndarray, options: Instance
     order_array = np.asarray(order, dtype=np.int64)
     max_num = options.max_seq_len - 3
     cls_id, sep_id = special.cls_id, special.sep_id
-    specials = frozenset((cls_id, sep_id))  # the reference skips exactly [CLS] and [SEP]
+    rule = options.masking(special)
     use_words = options.whole_word_mask and corpus.word_starts is not None
     tokens, word_starts = corpus.tokens, corpus.word_starts
     builder = _BatchBuilder()
@@ -266,9 +217,7 @@ def generate_exact(corpus: TokenCorpus, documents: np.ndarray, options: Instance
                 starts = None
                 if use_words:
                     starts = [True, *word_starts[ta0:ta1].tolist(), True, *word_starts[tb0:tb1].tolist(), True]
-                masks = mask_tokens(ids, rng, masked_lm_prob=options.masked_lm_prob,
-                                    max_predictions=options.max_predictions, vocab_size=special.vocab_size,
-                                    special_ids=specials, mask_id=special.mask_id, word_starts=starts)
+                masks = mask_tokens(ids, rng, rule, starts)
                 truncated = (ta0, ta1, tb0, tb1) != (a0, a1, b0, b1)
                 builder.add(ids, ta1 - ta0 + 2, is_random, masks, truncated, short)
                 if len(builder) >= batch_size:
@@ -333,78 +282,24 @@ def _build_fast(corpus: TokenCorpus, pairs: list[Pair], options: InstanceOptions
     la, lb = a1 - a0, b1 - b0
     lengths = la + lb + 3
 
-    n, width = len(pairs), int(lengths.max())
+    width = int(lengths.max())
     col = np.arange(width)[None, :]
     in_a = (col >= 1) & (col <= la[:, None])
     in_b = (col >= la[:, None] + 2) & (col < lengths[:, None] - 1)
     source = np.where(in_a, a0[:, None] + col - 1, b0[:, None] + col - la[:, None] - 2)
     source = np.where(in_a | in_b, source, 0)
     grid = np.asarray(corpus.tokens[source], dtype=np.int64)  # (n, width)
-    valid = col < lengths[:, None]
     grid[~(in_a | in_b)] = special.sep_id
     grid[:, 0] = special.cls_id
-    ids = grid[valid].astype(np.int32)
+    ids = grid[col < lengths[:, None]].astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
-    # candidates as in the reference: every position whose id is not [CLS] or [SEP]
-    candidate = (in_a | in_b) & (grid != special.cls_id) & (grid != special.sep_id)
-    num = np.minimum(options.max_predictions, np.maximum(1, np.rint(lengths * options.masked_lm_prob)))
-    num = np.minimum(num, candidate.sum(axis=1)).astype(np.int64)
+    word_starts = None
     if options.whole_word_mask and corpus.word_starts is not None:
-        starts = candidate & np.where(in_a | in_b, corpus.word_starts[source], True)
-        masked_grid = _choose_words(candidate, starts, num, rng)
-    else:
-        masked_grid = _choose_tokens(candidate, num, options.max_predictions, rng)
-    rows, positions = np.nonzero(masked_grid)   # row-major: ascending positions per instance
-    masked = grid[rows, positions]
-    draw = rng.random(len(positions))
-    random_ids = rng.integers(0, special.vocab_size, len(positions))
-    replaced = np.where(draw < 0.8, special.mask_id, np.where(draw < 0.9, masked, random_ids))
-    mask_offsets = np.concatenate([[0], np.cumsum(masked_grid.sum(axis=1))]).astype(np.int64)
+        word_starts = np.where(in_a | in_b, corpus.word_starts[source], True)
+    masks = mask_batch(grid, lengths, word_starts, options.masking(special), rng)
+    mask_offsets = np.concatenate([[0], np.cumsum(masks.counts)]).astype(np.int64)
     return InstanceBatch(ids, offsets, (la + 2).astype(np.int32), is_random.astype(bool), mask_offsets,
-                         positions.astype(np.int32), masked.astype(np.int32), replaced.astype(np.int32),
-                         excess > 0, short.astype(bool))
+                         masks.positions.astype(np.int32), masks.labels.astype(np.int32),
+                         masks.replacements.astype(np.int32), excess > 0, short.astype(bool))
 
-
-def _choose_tokens(candidate: np.ndarray, num: np.ndarray, max_predictions: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """(n, width) bool: per row a uniform random subset of `num` candidate positions (a shuffle's first num)."""
-    n, width = candidate.shape
-    scores = rng.random((n, width))
-    scores[~candidate] = 2.0  # never among the smallest while a candidate is left
-    k = min(max_predictions, width)
-    smallest = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < width else np.argsort(scores, axis=1)
-    ranked = np.take_along_axis(smallest, np.argsort(np.take_along_axis(scores, smallest, 1), axis=1), 1)
-    chosen = np.zeros((n, width), dtype=bool)
-    np.put_along_axis(chosen, ranked, np.arange(ranked.shape[1])[None, :] < num[:, None], axis=1)
-    return chosen
-
-
-def _choose_words(candidate: np.ndarray, starts: np.ndarray, num: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
-    """(n, width) bool: the reference's whole-word walk, vectorised over rows. Words (a start and the candidates
-    after it up to the next start) in uniform random order are taken while they fit in `num`; a word that would
-    overshoot is skipped and the walk goes on."""
-    n, width = candidate.shape
-    first = np.argmax(candidate, axis=1)   # a row's first candidate always opens a word, as in the reference
-    starts = starts.copy()
-    starts[np.arange(n), first] = candidate[np.arange(n), first]
-    word = np.where(candidate, np.cumsum(starts, axis=1) - 1, -1)   # (n, width) word index, -1 off-candidate
-    n_words = int(starts.sum(axis=1).max())
-    column = np.where(word >= 0, word, n_words)   # off-candidate positions count into a spare last column
-    flat = (np.arange(n)[:, None] * (n_words + 1) + column).ravel()
-    sizes = np.bincount(flat, minlength=n * (n_words + 1)).reshape(n, n_words + 1)[:, :n_words]
-    ranked = np.argsort(np.where(sizes > 0, rng.random((n, n_words)), 2.0), axis=1)
-    ranked_sizes = np.take_along_axis(sizes, ranked, axis=1)
-    taken = np.zeros((n, n_words), dtype=bool)
-    count = np.zeros(n, dtype=np.int64)
-    for r in range(n_words):
-        size = ranked_sizes[:, r]
-        fits = (size > 0) & (count + size <= num)
-        taken[:, r] = fits
-        count += np.where(fits, size, 0)
-        if (count >= num).all():
-            break
-    chosen_words = np.zeros((n, n_words + 1), dtype=bool)
-    np.put_along_axis(chosen_words, ranked, taken, axis=1)
-    return np.take_along_axis(chosen_words, column, axis=1)

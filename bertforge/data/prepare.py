@@ -27,16 +27,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 import bertforge
 from bertforge.corpus import default_corpus_files
-from bertforge.data.corpus import CorpusStats, expand_inputs, iter_documents
-from bertforge.data.instances import (InstanceOptions, SpecialTokens, TokenCorpus,
-                                      continuation_flags, final_permutation, generate_exact, generate_fast)
+from bertforge.data.corpus import DOCUMENT_DELIMITERS, CorpusStats, expand_inputs, iter_documents
+from bertforge.data.instances import (InstanceOptions, TokenCorpus, continuation_flags, final_permutation,
+                                      generate_exact, generate_fast)
+from bertforge.data.masking import SpecialTokens
 from bertforge.data.shards import ShardWriter, check_out_dir, finalize_data_dir, token_dtype
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
@@ -104,6 +105,10 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
         raise BertforgeError(f"the corpus ({len(files)} files, {stats.bytes_read:,} bytes) has no document with "
                              "at least 2 tokens; give files with text in them (check --format)")
     split_docs = _hold_out(corpus.num_documents, validation_fraction, seed)
+    warning = few_documents_warning(len(split_docs[0]), len(split_docs[1]), validation_fraction,
+                                    stats.formats.values())
+    if warning is not None:
+        print(f"bertforge: warning: {warning}", file=sys.stderr, flush=True)
 
     work = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp, spill = work / "data", work / "spill"
@@ -247,6 +252,34 @@ def _hold_out(num_documents: int, fraction: float, seed: int) -> tuple[np.ndarra
     held = np.zeros(num_documents, dtype=bool)
     held[np.random.default_rng([seed, 1]).choice(num_documents, n_val, replace=False)] = True
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def few_documents_warning(train: int, validation: int, validation_fraction: float,
+                          formats: Iterable[str]) -> str | None:
+    """One line saying what to do when a split holds a single document, else None.
+
+    NSP takes each NotNext B from another document of the same split; with one document there is none, so every
+    "random" B comes from the document of its own A. Validation holds out whole documents, so a one-document
+    corpus leaves none for it. `formats`: the corpus formats read (they decide what a document is).
+    """
+    documents = train + validation
+    thin = [name for name, count in (("train", train), ("validation", validation)) if count == 1]
+    if not thin:
+        return None
+    delimiters = "; ".join(f"--format {fmt} {DOCUMENT_DELIMITERS[fmt]}" for fmt in sorted(set(formats)))
+    more = (f"{delimiters}: give one file per article (--format text), a blank line between articles (--format "
+            "lines, one sentence per line) or one article per line (--format jsonl)")
+    same = "every NotNext pair takes its random B from that same document"
+    if documents == 1:
+        empty = (f" and --validation-fraction {validation_fraction:g} leaves the validation split empty"
+                 if validation_fraction > 0 else "")
+        return f"the corpus is 1 document, so {same}{empty}; {more}"
+    if thin == ["validation"] and documents >= 4:
+        more = f"raise --validation-fraction to {2 / documents:.2g} (2 documents) or give more documents"
+    elif thin == ["train"]:
+        more = "lower --validation-fraction"
+    where = f"the {thin[0]} split holds 1 document" if len(thin) == 1 else "each split holds 1 document"
+    return f"{where} ({documents} documents in all), so in {'it' if len(thin) == 1 else 'each'} {same}; {more}"
 
 
 # --- generation ----------------------------------------------------------------------------------------------------

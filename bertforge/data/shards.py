@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,18 +65,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def field_dtype(field: str, vocab_size: int) -> np.dtype:
     kind = FIELDS[field]
     return token_dtype(vocab_size) if kind == "token" else np.dtype(kind)
-
-
-@dataclass(slots=True)
-class Instance:
-    """One pre-training example as the generator produced it (see docs/architecture.md)."""
-
-    ids: list[int]               # unmasked: [CLS] A [SEP] B [SEP]
-    a_len: int                   # len("[CLS] A [SEP]")
-    is_random_next: bool
-    masked_positions: list[int]  # ascending
-    masked_ids: list[int]        # original ids at those positions (the labels)
-    replacement_ids: list[int]   # what the input holds there
 
 
 class FlatInstances(Protocol):
@@ -123,7 +110,7 @@ class _HashedFile:
 class ShardWriter:
     """Streams instances of one split into `out_dir/<split>/shard_NNNNN.<field>.bin`.
 
-    Instances are buffered `chunk_instances` at a time, validated and appended to the open shard's files;
+    Each batch is validated and appended to the open shard's files in pieces of at most `chunk_instances`;
     a new shard starts every `shard_instances` instances. `close()` returns one record per file written and
     leaves the split's file table in the folder for `finalize_data_dir`.
     """
@@ -143,45 +130,14 @@ class ShardWriter:
         self._dtypes = {field: field_dtype(field, vocab_size) for field in FIELDS}
         self._shards: list[dict[str, Any]] = []
         self._files: dict[str, _HashedFile] | None = None
-        self._shard_counts = [0, 0, 0]  # instances, tokens, masks in the open shard (flushed part)
+        self._shard_counts = [0, 0, 0]  # instances, tokens, masks in the open shard
         self._shard_max = [0, 0]        # longest instance, most masks in the open shard
         self._closed = False
-        self._reset_buffer()
-
-    def _reset_buffer(self) -> None:
-        self._ids: list[int] = []
-        self._lengths: list[int] = []
-        self._a_lens: list[int] = []
-        self._random_next: list[int] = []
-        self._mask_counts: list[int] = []
-        self._positions: list[int] = []
-        self._masked_ids: list[int] = []
-        self._replacements: list[int] = []
-
-    def add(self, inst: Instance) -> None:
-        """Buffers one instance; writes a chunk when the buffer is full."""
-        if self._closed:
-            raise ValueError("ShardWriter is closed")
-        n_masks = len(inst.masked_positions)
-        if len(inst.masked_ids) != n_masks or len(inst.replacement_ids) != n_masks:
-            raise ValueError("masked_positions, masked_ids and replacement_ids must have the same length")
-        self._ids.extend(inst.ids)
-        self._lengths.append(len(inst.ids))
-        self._a_lens.append(inst.a_len)
-        self._random_next.append(1 if inst.is_random_next else 0)
-        self._mask_counts.append(n_masks)
-        self._positions.extend(inst.masked_positions)
-        self._masked_ids.extend(inst.masked_ids)
-        self._replacements.extend(inst.replacement_ids)
-        buffered = len(self._lengths)
-        if buffered >= self.chunk_instances or self._shard_counts[0] + buffered >= self.shard_instances:
-            self._flush()
 
     def add_batch(self, batch: FlatInstances) -> None:
         """Appends many instances given as flat arrays (the layout of the shard files; e.g. an InstanceBatch)."""
         if self._closed:
             raise ValueError("ShardWriter is closed")
-        self._flush()
         offsets = np.asarray(batch.offsets, dtype=np.int64)
         mask_offsets = np.asarray(batch.mask_offsets, dtype=np.int64)
         if len(offsets) != len(batch.a_len) + 1 or len(mask_offsets) != len(offsets):
@@ -198,13 +154,6 @@ class ShardWriter:
                         np.asarray(batch.masked_ids[mask], dtype=np.int64),
                         np.asarray(batch.replacement_ids[mask], dtype=np.int64))
             start = stop
-
-    def _flush(self) -> None:
-        if self._lengths:
-            self._write(*(np.asarray(values, dtype=np.int64) for values in (
-                self._ids, self._lengths, self._a_lens, self._random_next, self._mask_counts, self._positions,
-                self._masked_ids, self._replacements)))
-            self._reset_buffer()
 
     def _write(self, ids: np.ndarray, lengths: np.ndarray, a_lens: np.ndarray, random_next: np.ndarray,
                mask_counts: np.ndarray, positions: np.ndarray, masked_ids: np.ndarray,
@@ -242,6 +191,8 @@ class ShardWriter:
             raise ValueError("an instance is longer than 65535 tokens")
         if len(ids) != lengths.sum() or len(positions) != mask_counts.sum() or (lengths < 0).any():
             raise ValueError("offsets do not match the ids or mask arrays")
+        if len(masked_ids) != len(positions) or len(replacements) != len(positions):
+            raise ValueError("masked_positions, masked_ids and replacement_ids must have the same length")
         if (a_lens < 2).any() or (a_lens > lengths).any():
             raise ValueError("a_len must be in [2, len(ids)]")
         if positions.size:
@@ -280,7 +231,6 @@ class ShardWriter:
     def close(self) -> list[dict]:
         """Flushes and closes the open shard; returns [{"name", "instances", "bytes", "sha256", ...}] per file."""
         if not self._closed:
-            self._flush()
             if self._files is not None:
                 self._close_shard()
             record = {"split": self.split, "vocab_size": self.vocab_size,
