@@ -171,7 +171,8 @@ def report(results: Results, seeds: list[int], lrs: list[float], args: argparse.
     en = results.data.get("en/pretrain", {}).get("value", {})
     minutes = results.data.get("en/pretrain", {}).get("seconds", float("nan")) / 60
     lines = [f"Pre-training: `{args.size}`, {en.get('steps', '?')} steps of {args.pretrain_batch} x {args.seq_len} "
-             f"tokens, {en.get('precision', args.pretrain_precision)}, lr {args.pretrain_lr:g} ({minutes:.1f} min here, stopped by "
+             f"tokens, {en.get('precision', args.pretrain_precision)}, lr {args.pretrain_lr:g} ({minutes:.1f} min "
+             f"here, stopped by "
              f"{en.get('stop_reason', '?')}), validation MLM accuracy "
              f"{en.get('validation', {}).get('mlm_accuracy', float('nan')):.3f}, NSP accuracy "
              f"{en.get('validation', {}).get('nsp_accuracy', float('nan')):.3f}. Fine-tuning: {args.epochs} epochs, "

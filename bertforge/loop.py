@@ -323,8 +323,7 @@ class _NonFinite:
             self.monitor.log({"step": step, "event": "nonfinite_loss", "loss": loss})
         if self.in_row < self.config.max_bad_steps:
             return step
-        run_dir = self.resumable.run_dir
-        last_good = checkpoint.latest_complete_checkpoint(run_dir)
+        last_good = checkpoint.latest_complete_checkpoint(self.resumable.run_dir)
         if self.config.on_nan != "rollback" or last_good is None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
             raise BertforgeError(f"the loss was not finite for {self.in_row} steps in a row (up to step {step}); "
