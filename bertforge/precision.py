@@ -2,8 +2,9 @@
 
 bf16 autocast saves time and activation memory only on hardware that multiplies bf16 natively: on a CPU,
 AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later) or AMX (Intel Sapphire Rapids and later); on
-CUDA, compute capability 8.0 (Ampere) and later. Without them PyTorch has no fast bf16 matrix product on the CPU
-and runs a generic one, many times slower than fp32 (issue 14: 40x on an AVX2-only CPU).
+CUDA, compute capability 8.0 (Ampere) and later. Without them bf16 gains nothing: an AVX-512 CPU emulates it with
+conversions, and on an AVX2 CPU PyTorch has no bf16 matrix-product kernel at all and runs a generic one, many
+times slower than fp32 (issue 14: 40x).
 
 There `--precision bf16` runs in fp32 after saying so in one line, rather than being refused: bf16 is a speed
 setting, not part of what a run computes (its losses differ from fp32's only by rounding), and the machines a
