@@ -4,8 +4,9 @@ Protocol (issue 5):
 1. Train an uncased WordPiece vocabulary of `--train-vocab` pieces (default 30,522, BERT's size; 0 takes the
    reference's `reference/en_vocab_8k.txt`) on the English Wikipedia extract in ../shared/data (all 80 files, ~20M
    tokens), then pre-train a model (`--size`, default mini) on the same extract for a fixed CPU budget:
-   `--pretrain-steps` optimizer steps of `--pretrain-batch` instances of `--seq-len` tokens (bf16 autocast,
-   dynamic masking, no dropout: one pass over the data under-fits, so dropout only slows learning), with
+   `--pretrain-steps` optimizer steps of `--pretrain-batch` instances of `--seq-len` tokens (bf16 autocast where
+   the CPU computes bf16 natively, else fp32; dynamic masking, no dropout: one pass over the data under-fits,
+   so dropout only slows learning), with
    `--pretrain-minutes` of wall time as a safety cap. Defaults: 16,000 steps of 32 x 64 tokens at lr 5e-4 (45-49 min
    here with 30,522 pieces, 43 with 8k). Sequences of 64 give twice the updates per token of 128 (SST-2 and
    CoNLL sentences fit in 64), and lr 1e-3 collapsed the attention of post-LN `mini` (every token attending to one
@@ -124,8 +125,9 @@ def pretrain_stage(args: argparse.Namespace, out: Path, corpus: list[Path], voca
     if result.stop_reason == "signal":  # Ctrl-C / SIGTERM: a checkpoint was saved; the next run resumes from it
         raise SystemExit(f"stopped during pre-training ({run}); run the script again to resume")
     print(result.summary, flush=True)
+    machine = json.loads((run / "config.json").read_text())["machine"]
     return {"steps": result.step, "stop_reason": result.stop_reason, "model": str(run / "model"),
-            "validation": result.eval_metrics}
+            "validation": result.eval_metrics, "precision": machine["precision"]}
 
 
 def random_twin(pretrained: Path, target: Path) -> str:
@@ -170,7 +172,8 @@ def report(results: Results, seeds: list[int], lrs: list[float], args: argparse.
     en = results.data.get("en/pretrain", {}).get("value", {})
     minutes = results.data.get("en/pretrain", {}).get("seconds", float("nan")) / 60
     lines = [f"Pre-training: `{args.size}`, {en.get('steps', '?')} steps of {args.pretrain_batch} x {args.seq_len} "
-             f"tokens, {args.pretrain_precision}, lr {args.pretrain_lr:g} ({minutes:.1f} min here, stopped by "
+             f"tokens, {en.get('precision', args.pretrain_precision)}, lr {args.pretrain_lr:g} ({minutes:.1f} min "
+             f"here, stopped by "
              f"{en.get('stop_reason', '?')}), validation MLM accuracy "
              f"{en.get('validation', {}).get('mlm_accuracy', float('nan')):.3f}, NSP accuracy "
              f"{en.get('validation', {}).get('nsp_accuracy', float('nan')):.3f}. Fine-tuning: {args.epochs} epochs, "
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=16000)
     parser.add_argument("--pretrain-batch", type=int, default=32)
     parser.add_argument("--pretrain-lr", type=float, default=5e-4)
-    parser.add_argument("--pretrain-precision", default="bf16")
+    parser.add_argument("--pretrain-precision", default="auto",
+                        help="fp32 | bf16 | auto (default: bf16 where this CPU computes it natively, else fp32)")
     parser.add_argument("--pretrain-minutes", type=float, default=50.0, help="wall-time cap (a safety net)")
     parser.add_argument("--sst2-train", type=int, default=4000)
     parser.add_argument("--sst2-small", type=int, default=0, metavar="N",

@@ -36,6 +36,7 @@ from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
+from bertforge.precision import PRECISIONS, machine_record
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tasks.base import Evaluation, Feature, collate_features
 from bertforge.tokenizer import Tokenizer
@@ -102,8 +103,8 @@ class FinetuneConfig:
             raise BertforgeError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.precision not in loop.PRECISIONS:
-            raise BertforgeError(f"--precision must be one of {', '.join(loop.PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise BertforgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise BertforgeError("--seeds needs distinct integers, e.g. --seeds 1,2,3")
         if self.regression and self.task != "classify":
@@ -404,6 +405,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
                           for r in runs for h in r["history"]]
     summary["stopped_early"] = stopped_early
     summary["config"] = config.to_dict()
+    summary["machine"] = machine_record(config.precision, device)
     _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
           out / "curves.png")
     # metrics.json is written last and atomically: its presence marks a finished run

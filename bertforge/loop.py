@@ -26,12 +26,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from bertforge import allocator, checkpoint, distributed
 from bertforge.errors import BertforgeError
+from bertforge.optim import LinearSchedule
+from bertforge.precision import describe, resolve_precision
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class StepLoader:
@@ -93,7 +96,7 @@ class LoopConfig:
     """How the loop runs; the stage resolves every value (max_steps is the absolute last step)."""
 
     max_steps: int
-    precision: str = "fp32"
+    precision: str = "fp32"         # one of precision.PRECISIONS, resolved once by `train`
     compile: bool = False
     clip_norm: float = 1.0
     log_every: int = 10
@@ -118,6 +121,7 @@ class LoopResult:
     tokens: int = 0                 # non-padding tokens trained on in this session
     totals: dict[str, float] = field(default_factory=dict)  # loss_fn statistics summed over this session
     skipped_steps: int = 0
+    precision: str = "fp32"         # what the run computed in (`precision.resolve_precision`)
 
     @property
     def interrupted(self) -> bool:
@@ -191,19 +195,190 @@ def _step_totals(micro_batches: Sequence[Batch], count_fn: Callable[[Batch], dic
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or CUDA, fp16 on CUDA only, nothing for fp32."""
+    """bf16 or fp16 autocast, nothing for fp32; `precision` is resolved (`precision.resolve_precision`)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise BertforgeError("--precision fp16 needs a CUDA device (it relies on a grad scaler); "
-                             "use --precision bf16 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          loader: StepLoader, count_fn: Callable[[Batch], dict[str, float]],
-          loss_fn: Callable[[nn.Module, Batch, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+@dataclass
+class _Resumable:
+    """What a checkpoint holds of a run (weights, optimizer, schedule, grad scaler, RNG, data position)."""
+
+    model: nn.Module                # unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: LinearSchedule
+    scaler: torch.amp.GradScaler
+    loader: StepLoader
+    run_dir: Path
+    device: torch.device
+    keep_last: int | None
+    meta: dict[str, Any]            # the stage's extra meta.json fields
+
+    def save(self, step: int) -> Path:
+        """Writes the checkpoint of `step` on rank 0 (after every rank sent its part); returns its folder."""
+        if hasattr(self.optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer: every rank sends its shard
+            self.optimizer.consolidate_state_dict(to=0)
+        rng_states = distributed.gather_to_main(checkpoint.rng_state())  # every rank's own dropout stream
+
+        def write() -> Path:  # rank 0 only; a failure (disk full) stops every rank with its message
+            assert rng_states is not None
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rng_states[0]}
+            if len(rng_states) > 1:
+                state["rng_ranks"] = rng_states
+            meta = {**self.loader.state_dict(), "world_size": distributed.world_size(),
+                    "global_batch": self.loader.instances_per_step, **self.meta}
+            path = checkpoint.save_checkpoint(self.run_dir, step, model=self.model, state=state, meta=meta)
+            if self.keep_last:
+                checkpoint.prune_checkpoints(self.run_dir, self.keep_last)
+            return path
+
+        return distributed.main_first(write)
+
+    def restore(self, path: Path, *, data_position: bool) -> int:
+        """Loads the checkpoint at `path` (with the RNG and data position when `data_position`); returns its step."""
+        state, meta = checkpoint.load_checkpoint(path, self.model, device=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if data_position:  # each rank resumes its own random stream; after a world-size change only rank 0 can
+            ranks = state.get("rng_ranks", [state["rng"]])  # (the others keep the fresh streams they were given)
+            if len(ranks) == distributed.world_size():
+                checkpoint.set_rng_state(ranks[distributed.rank()])
+            elif distributed.is_main():
+                checkpoint.set_rng_state(state["rng"])
+            self.loader.load_state_dict(meta)
+        return int(meta["step"])
+
+
+@dataclass
+class _Step:
+    """One optimizer step's outcome."""
+
+    loss: torch.Tensor              # this process's share of the step's loss
+    stats: dict[str, torch.Tensor]  # this process's loss_fn statistics, summed over the micro-batches
+    global_loss: torch.Tensor       # the step's loss over all processes
+    grad_norm: torch.Tensor         # before clipping
+    finite: bool                    # False: the update was skipped
+
+
+def _optimizer_step(model: nn.Module, forward_model: nn.Module, micro_batches: Sequence[Batch],
+                    totals: dict[str, torch.Tensor], *, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                    scheduler: LinearSchedule, scaler: torch.amp.GradScaler, precision: str, device: torch.device,
+                    clip_norm: float) -> _Step:
+    """Forward and backward over the step's micro-batches, clip, then update unless the loss or gradient is not finite.
+
+    Under DDP the gradients synchronise over processes on the last micro-batch only (no_sync on the others).
+    """
+    step_loss = torch.zeros((), device=device)
+    stats: dict[str, torch.Tensor] = {}
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast_context(device, precision):
+                loss, micro_stats = loss_fn(forward_model, _to_device(micro, device), totals)
+            # DDP averages gradients over ranks; each rank's loss is its share of the global sum.
+            scaler.scale(loss * distributed.world_size()).backward()
+        step_loss += loss.detach().float()
+        for name, value in micro_stats.items():
+            stats[name] = stats.get(name, 0.0) + value.detach().float()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), clip_norm)
+    global_loss = distributed.all_reduce_sum(step_loss.clone())
+    # A grad scaler skips overflowing updates itself (and lowers its scale): then only the loss must be finite.
+    finite = bool(torch.isfinite(global_loss if scaler.is_enabled() else global_loss + grad_norm).item())
+    if finite:
+        scaler.step(optimizer)
+        scheduler.step()  # the schedule counts updates: a skipped step does not advance it
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return _Step(loss=step_loss, stats=stats, global_loss=global_loss, grad_norm=grad_norm, finite=finite)
+
+
+class _NonFinite:
+    """Counts non-finite steps in a row; `max_bad_steps` of them stop the run or roll it back (`on_nan`).
+
+    A rollback reloads the last complete checkpoint without its data position (the offending batches are
+    skipped) and, with `nan_lr_factor` f < 1, runs the schedule at f ** rollbacks of the rate it started with.
+    """
+
+    def __init__(self, config: LoopConfig, resumable: _Resumable, monitor: Any) -> None:
+        self.config, self.resumable, self.monitor = config, resumable, monitor
+        self.in_row = 0
+        self.rollbacks = 0
+        self.starting_scale = resumable.scheduler.scale
+
+    def passed(self) -> None:
+        self.in_row = 0
+
+    def failed(self, step: int, loss: float) -> int:
+        """Reports the skipped step `step`; returns the step the run goes on from (earlier after a rollback)."""
+        self.in_row += 1
+        if distributed.is_main():
+            print(f"bertforge: step {step}: non-finite loss or gradient ({loss}); the update was skipped",
+                  file=sys.stderr, flush=True)
+            self.monitor.log({"step": step, "event": "nonfinite_loss", "loss": loss})
+        if self.in_row < self.config.max_bad_steps:
+            return step
+        last_good = checkpoint.latest_complete_checkpoint(self.resumable.run_dir)
+        if self.config.on_nan != "rollback" or last_good is None:
+            where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
+            raise BertforgeError(f"the loss was not finite for {self.in_row} steps in a row (up to step {step}); "
+                                 f"stopped ({where}); lower --lr or check the data")
+        back_to = self.resumable.restore(last_good, data_position=False)
+        self.in_row, self.rollbacks = 0, self.rollbacks + 1
+        factor = self.config.nan_lr_factor ** self.rollbacks
+        lowered = ""
+        if self.config.nan_lr_factor != 1.0:
+            self.resumable.scheduler.rescale(self.starting_scale * factor)
+            lowered = f"; learning rate x{factor:g}"
+        if distributed.is_main():
+            print(f"bertforge: rolled back to {last_good}; the offending batches are skipped{lowered}",
+                  file=sys.stderr, flush=True)
+            self.monitor.log({"step": back_to, "event": "rollback", "checkpoint": str(last_good),
+                              "lr_scale": factor})
+        return back_to
+
+
+@dataclass
+class _Window:
+    """What the steps since the last log line add up to: sums of the finite steps, seconds of all of them."""
+
+    sums: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, step: _Step) -> None:
+        self.steps += 1
+        self.sums["loss"] = self.sums.get("loss", 0.0) + step.loss
+        for name, value in step.stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def flush(self, device: torch.device) -> tuple[dict[str, float], int, float]:
+        """(sums over all processes, finite steps, seconds) of the window, which starts afresh."""
+        names = sorted(self.sums)
+        reduced = distributed.all_reduce_sum(torch.stack([torch.as_tensor(self.sums[n], device=device).float()
+                                                          for n in names]))
+        window = dict(zip(names, reduced.tolist())), self.steps, self.seconds
+        self.sums, self.steps, self.seconds = {}, 0, 0.0
+        return window
+
+
+def _stop_requests(signals: _StopSignals, started: float, max_minutes: float | None,
+                   device: torch.device) -> tuple[bool, bool]:
+    """(a stop signal arrived, the time budget is spent) on any process: every rank stops at the same step."""
+    elapsed_minutes = (time.monotonic() - started) / 60
+    flags = torch.tensor([float(signals.received is not None),
+                          float(max_minutes is not None and elapsed_minutes >= max_minutes)], device=device)
+    distributed.all_reduce_sum(flags)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: LinearSchedule,
+          loader: StepLoader, count_fn: Callable[[Batch], dict[str, float]], loss_fn: LossFn,
           metrics_fn: Callable[[dict[str, float], int], dict[str, float]],
           evaluate_fn: Callable[[nn.Module], dict[str, float]] | None, monitor: Any, run_dir: Path,
           config: LoopConfig, device: torch.device, resume_from: Path | None = None,
@@ -213,90 +388,22 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
     model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on
     the last micro-batch of a step). Returns where the run stopped and its last metrics.
     """
-    if config.precision not in PRECISIONS:
-        raise BertforgeError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    autocast_context(device, config.precision)  # refuses fp16 off CUDA before any work
+    precision = resolve_precision(config.precision, device)  # refuses fp16 off CUDA before any work
+    if distributed.is_main():  # above the stage's progress bar, which is drawn already
+        tqdm.write(describe(config.precision, device), file=sys.stderr)
+    # Only fp16 needs a grad scaler: its narrow exponent range under- and overflows gradients, bf16's does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     allocator.keep_freed_memory()  # host memory: no page faults for the same big tensors every step
     raw_model = _unwrap(model)
     forward_model = torch.compile(model) if config.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    meta_extra = dict(checkpoint_meta or {})
-    step = 0
-
-    def save(at_step: int) -> Path:
-        if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer: every rank sends its shard
-            optimizer.consolidate_state_dict(to=0)
-        rng_states = distributed.gather_to_main(checkpoint.rng_state())  # every rank's own dropout stream
-
-        def write() -> Path:  # rank 0 only; a failure (disk full) stops every rank with its message
-            assert rng_states is not None
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_states[0]}
-            if len(rng_states) > 1:
-                state["rng_ranks"] = rng_states
-            meta = {**loader.state_dict(), "world_size": distributed.world_size(),
-                    "global_batch": loader.instances_per_step, **meta_extra}
-            path = checkpoint.save_checkpoint(run_dir, at_step, model=raw_model, state=state, meta=meta)
-            if config.keep_last:
-                checkpoint.prune_checkpoints(run_dir, config.keep_last)
-            return path
-
-        return distributed.main_first(write)
-
-    def restore(path: Path, *, data_position: bool) -> int:
-        state, meta = checkpoint.load_checkpoint(path, raw_model, device=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if data_position:  # each rank resumes its own random stream; after a world-size change only rank 0 can
-            ranks = state.get("rng_ranks", [state["rng"]])  # (the others keep the fresh streams they were given)
-            if len(ranks) == distributed.world_size():
-                checkpoint.set_rng_state(ranks[distributed.rank()])
-            elif distributed.is_main():
-                checkpoint.set_rng_state(state["rng"])
-            loader.load_state_dict(meta)
-        return int(meta["step"])
-
-    rollbacks: list[int] = []
-
-    def handle_nonfinite(at_step: int, loss_value: float) -> int:
-        """Reports a skipped step; after `max_bad_steps` in a row stops or rolls back. Returns the step."""
-        if distributed.is_main():
-            print(f"bertforge: step {at_step}: non-finite loss or gradient ({loss_value}); the update was skipped",
-                  file=sys.stderr, flush=True)
-            monitor.log({"step": at_step, "event": "nonfinite_loss", "loss": loss_value})
-        if bad_in_row < config.max_bad_steps:
-            return at_step
-        last_good = checkpoint.latest_complete_checkpoint(run_dir)
-        if config.on_nan != "rollback" or last_good is None:
-            where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
-            raise BertforgeError(f"the loss was not finite for {bad_in_row} steps in a row (up to step {at_step}); "
-                                 f"stopped ({where}); lower --lr or check the data")
-        back_to = restore(last_good, data_position=False)
-        rollbacks.append(back_to)
-        lowered = ""
-        if config.nan_lr_factor != 1.0:  # the schedule this process started with, scaled once per rollback
-            scale = config.nan_lr_factor ** len(rollbacks)
-            scheduler.base_lrs = [base * scale for base in starting_base_lrs]
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["initial_lr"] = base
-                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
-            lowered = f"; learning rate x{scale:g}"
-        if distributed.is_main():
-            print(f"bertforge: rolled back to {last_good}; the offending batches are skipped{lowered}",
-                  file=sys.stderr, flush=True)
-            monitor.log({"step": back_to, "event": "rollback", "checkpoint": str(last_good),
-                         "lr_scale": config.nan_lr_factor ** len(rollbacks)})
-        return back_to
-
-    if resume_from is not None:
-        step = restore(resume_from, data_position=True)
-    starting_base_lrs = list(scheduler.base_lrs)
+    resumable = _Resumable(model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader,
+                           run_dir=run_dir, device=device, keep_last=config.keep_last, meta=dict(checkpoint_meta or {}))
+    step = resumable.restore(resume_from, data_position=True) if resume_from is not None else 0
+    nonfinite = _NonFinite(config, resumable, monitor)
     if distributed.is_main():
         checkpoint.remove_partial_checkpoints(run_dir)
-    result = LoopResult(step=step, instances=loader.instances, stop_reason="max_steps")
-    window: dict[str, float] = {}
-    window_steps, window_time, bad_in_row = 0, 0.0, 0
+    result = LoopResult(step=step, instances=loader.instances, stop_reason="max_steps", precision=precision)
+    window = _Window()
     postfix: dict[str, float] = {}
     started = time.monotonic()
     model.train()
@@ -305,94 +412,56 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
             step_start = time.perf_counter()
             micro_batches = loader.next_step()
             totals = _step_totals(micro_batches, count_fn, device)
-            step_loss = torch.zeros((), device=device)
-            step_stats: dict[str, torch.Tensor] = {}
-            for i, micro in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-                with no_sync:
-                    with autocast_context(device, config.precision):
-                        loss, stats = loss_fn(forward_model, _to_device(micro, device), totals)
-                    # DDP averages gradients over ranks; each rank's loss is its share of the global sum.
-                    scaler.scale(loss * distributed.world_size()).backward()
-                step_loss += loss.detach().float()
-                for name, value in stats.items():
-                    step_stats[name] = step_stats.get(name, 0.0) + value.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.clip_norm)
-            global_loss = distributed.all_reduce_sum(step_loss.clone())
-            finite_check = global_loss if config.precision == "fp16" else global_loss + grad_norm
-            finite = bool(torch.isfinite(finite_check).item())
-            if finite:
-                scaler.step(optimizer)
-                scheduler.step()  # the schedule counts updates: a skipped step does not advance it
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                result.skipped_steps += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            outcome = _optimizer_step(model, forward_model, micro_batches, totals, loss_fn=loss_fn,
+                                      optimizer=optimizer, scheduler=scheduler, scaler=scaler, precision=precision,
+                                      device=device, clip_norm=config.clip_norm)
             step += 1
-            window_time += time.perf_counter() - step_start
-            if finite:
-                window_steps += 1
-                window["loss"] = window.get("loss", 0.0) + step_loss
-                for name, value in step_stats.items():
-                    window[name] = window.get(name, 0.0) + value
+            window.seconds += time.perf_counter() - step_start
+            if outcome.finite:
+                nonfinite.passed()
+                window.add(outcome)
             else:
-                step = handle_nonfinite(step, float(global_loss.item()))
-                if bad_in_row >= config.max_bad_steps:  # rolled back: a fresh count
-                    bad_in_row = 0
+                result.skipped_steps += 1
+                step = nonfinite.failed(step, float(outcome.global_loss.item()))
 
             final = step >= config.max_steps
-            elapsed_minutes = (time.monotonic() - started) / 60
-            stop_flags = torch.tensor([float(signals.received is not None),
-                                       float(config.max_minutes is not None and elapsed_minutes >= config.max_minutes)],
-                                      device=device)
-            distributed.all_reduce_sum(stop_flags)
-            interrupted, out_of_time = bool(stop_flags[0] > 0), bool(stop_flags[1] > 0)
+            interrupted, out_of_time = _stop_requests(signals, started, config.max_minutes, device)
             if interrupted:
                 result.stop_reason = "signal"
             elif out_of_time and not final:
                 result.stop_reason = "time_budget"
             ending = final or interrupted or out_of_time
 
-            if window_steps and (step % config.log_every == 0 or ending):
-                names = sorted(window)
-                reduced = distributed.all_reduce_sum(torch.stack([torch.as_tensor(window[n], device=device).float()
-                                                                  for n in names]))
-                summed = dict(zip(names, reduced.tolist()))
+            if window.steps and (step % config.log_every == 0 or ending):
+                summed, steps, seconds = window.flush(device)
                 tokens = summed.get("tokens", 0.0)
-                record = {"step": step, "loss": summed["loss"] / window_steps,
-                          **metrics_fn(summed, window_steps), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens / window_time if window_time > 0 else 0.0,
-                          "epoch": loader.instances / len(loader.dataset), "grad_norm": float(grad_norm)}
+                record = {"step": step, "loss": summed["loss"] / steps, **metrics_fn(summed, steps),
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                          "epoch": loader.instances / len(loader.dataset), "grad_norm": float(outcome.grad_norm)}
                 result.tokens += int(tokens)
                 for name, value in summed.items():
                     result.totals[name] = result.totals.get(name, 0.0) + value
-                result.train_seconds += window_time
+                result.train_seconds += seconds
                 result.train_metrics = record
                 if distributed.is_main():
                     monitor.log(record)
                 postfix = {"loss": record["loss"], "lr": record["lr"], "tok/s": record["tokens_per_s"]}
-                window, window_steps, window_time = {}, 0, 0.0
             if distributed.is_main():
                 monitor.update(step, postfix)
             if evaluate_fn is not None and not interrupted and (
                     ending or (config.eval_every and step % config.eval_every == 0)):
                 raw_model.eval()
-                with torch.no_grad(), autocast_context(device, config.precision):
+                with torch.no_grad(), autocast_context(device, precision):
                     result.eval_metrics = evaluate_fn(raw_model)
                 raw_model.train()
                 if distributed.is_main():
                     monitor.log({"split": "validation", "step": step, **result.eval_metrics})
             # No periodic save inside a run of non-finite steps: the last good checkpoint stays the newest.
-            if ending or (config.save_every and step % config.save_every == 0 and not bad_in_row):
-                result.checkpoint = save(step)
+            if ending or (config.save_every and step % config.save_every == 0 and not nonfinite.in_row):
+                result.checkpoint = resumable.save(step)
             if ending:
                 break
     result.step, result.instances = step, loader.instances
     if result.checkpoint is None and step > 0:  # resumed at (or past) the last step: nothing left to run
         result.checkpoint = checkpoint.latest_complete_checkpoint(run_dir)
     return result
-

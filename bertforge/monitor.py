@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from bertforge.config import ModelConfig
+from bertforge.precision import machine
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -309,7 +310,8 @@ def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int,
     peak, source = peak_flops(device, precision)
     lines = [
         f"bertforge: run summary ({run_dir})",
-        f"  steps            {steps:,}  in {_fmt_duration(wall_seconds)}  on {torch.device(device).type} ({precision})",
+        f"  steps            {steps:,}  in {_fmt_duration(wall_seconds)}  on {machine(torch.device(device))}"
+        f" ({precision})",
         f"  throughput       {tokens_per_s:,.0f} tokens/s (non-padding; {tokens:,} tokens,"
         f" mean {seq_len:.0f} per sequence, {masked_per_seq:.1f} masked)",
         f"  model FLOPs      {flops_per_token / 1e6:,.1f} MFLOP/token -> {achieved / 1e9:,.1f} GFLOP/s achieved",

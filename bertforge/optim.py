@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 from bertforge.errors import BertforgeError
 
@@ -139,18 +139,44 @@ def default_warmup_steps(total_steps: int) -> int:
     return min(MAX_DEFAULT_WARMUP, math.ceil(0.1 * total_steps))
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up to the peak rate over `warmup_steps`, then linear decay to 0 at `total_steps`.
+class LinearSchedule(LRScheduler):
+    """Linear warm-up to each group's peak rate over `warmup_steps`, then linear decay to 0 at `total_steps`.
 
-    The factor for the update after `s` completed steps is (s + 1) / warmup during warm-up (so the
-    first update is not wasted at rate 0), then (total - s) / (total - warmup).
+    The factor for the update after `s` completed steps is (s + 1) / warmup during warm-up (so the first update
+    is not wasted at rate 0), then (total - s) / (total - warmup). `scale` multiplies every rate; the loop lowers
+    it when it rolls back from non-finite losses, and it is saved with the schedule's state.
     """
-    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-        raise BertforgeError(f"warm-up steps ({warmup_steps}) must be between 0 and the total steps ({total_steps})")
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> None:
+        if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+            raise BertforgeError(f"warm-up steps ({warmup_steps}) must be between 0 and the total steps "
+                                 f"({total_steps})")
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.scale = 1.0
+        super().__init__(optimizer)
 
-    return LambdaLR(optimizer, factor)
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [base * self.scale * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def rescale(self, scale: float) -> None:
+        """Sets `scale`; the optimizer's rates follow at once (for the next update, without a step)."""
+        self.scale = scale
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also loads a LambdaLR's state (checkpoints written before this class): its `base_lrs` already hold
+        any lowered rate, so its scale is 1."""
+        state = {k: v for k, v in state_dict.items() if k != "lr_lambdas"}
+        super().load_state_dict({"scale": 1.0, **state})
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> LinearSchedule:
+    """The paper's schedule (`LinearSchedule`) over `optimizer`'s groups."""
+    return LinearSchedule(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)

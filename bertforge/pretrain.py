@@ -29,10 +29,11 @@ from bertforge.errors import BertforgeError
 from bertforge.files import write_json_atomic
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf
+from bertforge.loop import LoopConfig, StepLoader, autocast_context, train
 from bertforge.model_folder import load_model
-from bertforge.loop import PRECISIONS, LoopConfig, StepLoader, autocast_context, train
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
+from bertforge.precision import PRECISIONS, machine_record, resolve_precision
 from bertforge.tokenizer import load_tokenizer
 
 RUN_KIND = "bertforge-pretrain"
@@ -378,7 +379,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
     copy on its slice of each global batch and leaves the group at the end; only rank 0 writes.
     """
     device = distributed.resolve_device(config.device)
-    autocast_context(device, config.precision)  # refuses fp16 off CUDA before any work
+    resolve_precision(config.precision, device)  # refuses fp16 off CUDA before any work
     with distributed.process_group(device, config.dist_timeout):
         return _pretrain(config, device)
 
@@ -422,7 +423,8 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     for part in datas[1:]:
         _check_fits_data(model_config, part, f"--model {config.model}")
     check_memory(model, model_config, batch_size=config.batch_size, seq_len=max(d.max_seq_len for d in datas),
-                 predictions=max(d.max_predictions for d in datas), precision=config.precision, device=device)
+                 predictions=max(d.max_predictions for d in datas),
+                 precision=resolve_precision(config.precision, device), device=device)
     model.to(device)
     distributed.seed_rank_stream(config.seed)  # each rank its own dropout masks
     parts = [PretrainDataset(d.split("train"), dynamic_masking=config.dynamic_masking, seed=config.seed)
@@ -450,7 +452,8 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     scheduler = linear_schedule(optimizer, warmup_steps=warmup, total_steps=steps)
     run_config = {"kind": RUN_KIND, "pretrain": config.to_dict(), "model": model_config.to_dict(),
                   "data_fingerprint": fingerprint, "total_steps": steps, "warmup_steps": warmup,
-                  "global_batch": loader.instances_per_step, "world_size": distributed.world_size()}
+                  "global_batch": loader.instances_per_step, "world_size": distributed.world_size(),
+                  "machine": machine_record(config.precision, device)}
 
     def create_out() -> None:  # every check has passed: only now may --overwrite delete the old run
         if clear_out:
@@ -490,7 +493,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
                                 wall_seconds=result.train_seconds, tokens=result.tokens,
                                 seq_len=result.tokens / sequences,
                                 masked_per_seq=result.totals.get("mlm_count", 0.0) / sequences,
-                                device=device, precision=config.precision, train_metrics=result.train_metrics,
+                                device=device, precision=result.precision, train_metrics=result.train_metrics,
                                 eval_metrics=result.eval_metrics, model_dir=model_dir)
     distributed.barrier()
     return RunResult(run_dir=config.out, step=result.step, stop_reason=result.stop_reason,
@@ -512,6 +515,6 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 3
                              "with the model's tokenizer")
     _check_fits_data(loaded.config, data, str(model_dir))
     model = loaded.model.to(torch_device).eval()
-    with autocast_context(torch_device, precision):
+    with autocast_context(torch_device, resolve_precision(precision, torch_device)):
         return evaluate_model(model, data.split("validation"), batch_size=batch_size, device=torch_device,
                               pad_id=data.special_ids.pad, max_batches=max_batches)

@@ -14,8 +14,9 @@ from bertforge import checkpoint
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import BertForPreTraining
-from bertforge.loop import LoopConfig, StepLoader, _step_totals, autocast_context, train
+from bertforge.loop import LoopConfig, StepLoader, _step_totals, train
 from bertforge.optim import linear_schedule
+from bertforge.precision import resolve_precision
 from bertforge.pretrain import count_targets, pretraining_loss
 
 
@@ -222,9 +223,13 @@ def test_rollback_reloads_the_last_checkpoint_and_skips_the_bad_batches(tmp_path
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_fp16_is_refused_on_the_cpu():
+def test_fp16_is_refused_on_the_cpu(tmp_path):
     with pytest.raises(BertforgeError, match="fp16 needs a CUDA device"):
-        autocast_context(torch.device("cpu"), "fp16")
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(BertforgeError, match="fp16 needs a CUDA device"):  # before any step
+        train(nn.Linear(1, 1), optimizer=None, scheduler=None, loader=None, count_fn=None, loss_fn=None,
+              metrics_fn=None, evaluate_fn=None, monitor=None, run_dir=tmp_path,
+              config=LoopConfig(max_steps=1, precision="fp16"), device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -161,6 +161,52 @@ def test_schedule_state_round_trips_through_a_weights_only_load():
         assert restored_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
 
 
+def test_rescale_moves_every_rate_at_once_and_stays_in_the_state():
+    def make():
+        # groups with their own peak rates, as with layer-wise decay
+        optimizer = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.25},
+                                     {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.5)
+        return optimizer, linear_schedule(optimizer, warmup_steps=2, total_steps=10)
+
+    optimizer, schedule = make()
+    for _ in range(4):
+        optimizer.step(), schedule.step()
+    before = [group["lr"] for group in optimizer.param_groups]
+    schedule.rescale(0.3)
+    assert [group["lr"] for group in optimizer.param_groups] == schedule.get_last_lr() == [
+        0.25 * 0.3 * schedule.factor(4), 0.5 * 0.3 * schedule.factor(4)]
+    assert schedule.get_last_lr()[1] == pytest.approx(0.3 * before[1])
+    restored_optimizer, restored = make()
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.scale == 0.3
+    for _ in range(3):
+        optimizer.step(), schedule.step()
+        restored_optimizer.step(), restored.step()
+        assert restored_optimizer.param_groups[1]["lr"] == optimizer.param_groups[1]["lr"]
+
+
+def test_a_lambdalr_state_of_an_older_checkpoint_loads_with_its_lowered_rates():
+    """Checkpoints before LinearSchedule hold a LambdaLR's state; a rollback had scaled its `base_lrs`."""
+    from torch.optim.lr_scheduler import LambdaLR
+    reference = linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=2,
+                                total_steps=10)
+    old_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = LambdaLR(old_optimizer, lambda step: reference.factor(step))  # a function, as the old code passed
+    for _ in range(3):
+        old_optimizer.step(), old.step()
+    old.base_lrs = [0.3]
+    state = old.state_dict()
+    assert state["lr_lambdas"] == [None] and "scale" not in state
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_schedule(optimizer, warmup_steps=2, total_steps=10)
+    schedule.load_state_dict(state)
+    assert schedule.scale == 1.0 and not hasattr(schedule, "lr_lambdas")
+    for _ in range(5):
+        old_optimizer.step(), old.step()
+        optimizer.step(), schedule.step()
+        assert optimizer.param_groups[0]["lr"] == old_optimizer.param_groups[0]["lr"]
+
+
 def test_default_warmup_is_ten_percent_capped_at_ten_thousand():
     assert default_warmup_steps(1000) == 100
     assert default_warmup_steps(15) == 2

@@ -52,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(optim, "--epochs", "passes over the training split (with --max-steps: whichever ends first)", type=float)
     option(optim, "--weight-decay", "decoupled weight decay (not on biases and LayerNorm)", type=float)
     option(optim, "--optimizer", "adamw or lamb (for very large batches)", choices=("adamw", "lamb"))
-    option(optim, "--precision", "fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA, with a grad scaler)",
-           choices=("fp32", "bf16", "fp16"))
+    option(optim, "--precision", "fp32, bf16 (CPU or CUDA autocast; fp32 on a CPU without native bf16), fp16 "
+           "(CUDA, with a grad scaler) or auto (what this machine is fastest at)",
+           choices=("fp32", "bf16", "fp16", "auto"))
     option(optim, "--compile", "torch.compile the model", action="store_true")
     option(optim, "--zero1", "under torchrun: shard the optimizer state over the processes (PyTorch's "
            "ZeroRedundancyOptimizer; saves memory on large models, the same updates)", action="store_true")
@@ -86,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=32, help="instances per batch (default: 32)")
     evaluate.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
-    evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="default: fp32")
+    evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+                          help="as for pretrain (default: fp32)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.set_defaults(func=run_evaluate)
 
