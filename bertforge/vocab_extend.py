@@ -7,7 +7,9 @@ sequence length on them. `extend_vocabulary`:
 
 1. counts the corpus's words with the model tokenizer's own normalizer and pre-tokenizer (BERT's basic
    tokenisation: text cleaning, lower-casing and accent stripping as the model does, punctuation split, every CJK
-   character a word of its own), so that a counted word is exactly what WordPiece sees later;
+   character a word of its own), so that a counted word is exactly what WordPiece sees later; with
+   `chinese_words`, also the multi-character words jieba finds in Chinese text, which the extended tokenizer then
+   matches whole before its normalizer splits the ideographs (`bertforge.tokenizer.is_cjk_word`);
 2. keeps the words WordPiece splits into two or more pieces, most frequent first (ties in alphabetical order).
    A word that is already a vocabulary entry is never among them: greedy longest-match-first takes the whole word
    when the whole word matches, and by the same rule each added word is encoded as ONE piece afterwards;
@@ -23,6 +25,7 @@ tokenizer.json are written from the same vocabulary list, so `transformers`, `pr
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from bertforge.errors import BertforgeError
 from bertforge.heads import BertForPreTraining
 from bertforge.hf import CONFIG_NAME, export_hf
 from bertforge.model_folder import load_model, resolve_model_dir
-from bertforge.tokenizer import Tokenizer
+from bertforge.tokenizer import Tokenizer, is_cjk_word
 
 UNUSED_SLOT = re.compile(r"\[unused\d+\]")
 _EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
@@ -98,28 +101,32 @@ def check_out_dir(out: Path, model_dir: Path, *, overwrite: bool) -> None:
         raise BertforgeError(f"--out {out} already holds a model; add --overwrite to replace it")
 
 
-def count_words(paths: list[Path], tokenizer: Tokenizer, fmt: str | None, stats: CorpusStats,
-                show_progress: bool = False) -> Counter[str]:
-    """Occurrences of each word of the corpus, as the tokenizer's normalizer and pre-tokenizer cut them."""
+def count_words(paths: list[Path], tokenizer: Tokenizer, fmt: str | None, stats: CorpusStats, *,
+                chinese_words: bool = False, show_progress: bool = False) -> Counter[str]:
+    """Occurrences of each word of the corpus, as the tokenizer's normalizer and pre-tokenizer cut them; with
+    `chinese_words` also the multi-character Chinese words jieba finds (the pre-tokenizer splits every ideograph)."""
     normalizer, pre_tokenizer = tokenizer.backend.normalizer, tokenizer.backend.pre_tokenizer
+    if chinese_words:
+        import jieba  # imported on first use: loading its dictionary takes a second
+
+        jieba.setLogLevel(logging.WARNING)
     counts: Counter[str] = Counter()
     documents = iter_corpus(paths, fmt, stats)
     for document in tqdm(documents, unit="doc", desc="counting words", disable=None if show_progress else True):
         text = normalizer.normalize_str("\n".join(document))
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
+        if chinese_words:
+            counts.update(word for sentence in document for word in jieba.lcut(sentence) if is_cjk_word(word))
     return counts
 
 
 def split_words(counts: Counter[str], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
-    """(word, piece ids) of every counted word that WordPiece splits into two or more pieces, most frequent first
-    (ties alphabetical). A word WordPiece cannot spell at all is one [UNK] piece, so it is never among them."""
-    wordpiece = tokenizer.backend.model
-    found = []
-    for word in sorted(counts, key=lambda word: (-counts[word], word)):
-        pieces = [token.id for token in wordpiece.tokenize(word)]
-        if len(pieces) > 1:
-            found.append((word, pieces))
-    return found
+    """(word, piece ids) of every counted word that the tokenizer encodes as two or more pieces, most frequent
+    first (ties alphabetical). Words with an [UNK] piece are left out: there is no row to start the new one from
+    (a word WordPiece cannot spell is one [UNK]; a Chinese word can hold a character the vocabulary lacks)."""
+    words = sorted(counts, key=lambda word: (-counts[word], word))
+    return [(word, pieces) for word, pieces in zip(words, tokenizer.encode_batch(words))
+            if len(pieces) > 1 and tokenizer.unk_id not in pieces]
 
 
 def unused_slots(vocab: list[str]) -> list[int]:
@@ -166,12 +173,15 @@ def extended_tokenizer(tokenizer: Tokenizer, vocab: list[str]) -> Tokenizer:
 
 
 def extend_vocabulary(model_dir: str | Path, corpus: Iterable[str | Path], add: int, out: str | Path, *,
-                      fmt: str | None = None, overwrite: bool = False, show_progress: bool = False) -> ExtendReport:
+                      fmt: str | None = None, chinese_words: bool = False, overwrite: bool = False,
+                      show_progress: bool = False) -> ExtendReport:
     """Add the `add` most frequent words of `corpus` that `model_dir`'s vocabulary splits into several pieces as
     whole tokens, and write the extended model to `out` (a Hugging Face BERT folder, written atomically).
 
     `model_dir`: a run, checkpoint or model folder (`load_model`) with its vocabulary. `corpus`: files, directories
-    or globs in any format `prepare` reads (`fmt` None detects per file). Fewer words are added when the corpus has
+    or globs in any format `prepare` reads (`fmt` None detects per file). `chinese_words`: also multi-character
+    Chinese words (jieba) for a vocabulary that splits CJK characters; the extended tokenizer matches them whole in
+    the raw text (`bertforge.tokenizer.is_cjk_word`). Fewer words are added when the corpus has
     fewer candidates (`ExtendReport.split_words`). `out` must be new, empty, or with `overwrite` a model folder.
     """
     if add < 1:
@@ -183,9 +193,12 @@ def extend_vocabulary(model_dir: str | Path, corpus: Iterable[str | Path], add: 
     if len(tokenizer) != loaded.config.vocab_size:
         raise BertforgeError(f"{model_dir}: the vocabulary has {len(tokenizer):,} entries but the model's embeddings "
                              f"{loaded.config.vocab_size:,} rows; extending needs one row per vocabulary entry")
+    if chinese_words and not tokenizer.tokenize_chinese_chars:
+        raise BertforgeError(f"--chinese-words needs a vocabulary that splits CJK characters; {model_dir}'s "
+                             "tokenizer keeps them together (tokenize_chinese_chars false), so its words need no jieba")
     paths = expand_inputs(corpus)
     stats = CorpusStats()
-    counts = count_words(paths, tokenizer, fmt, stats, show_progress)
+    counts = count_words(paths, tokenizer, fmt, stats, chinese_words=chinese_words, show_progress=show_progress)
     if stats.sentences == 0:
         raise BertforgeError(f"the corpus holds no text ({len(paths)} file(s) read); give files with sentences in them")
     candidates = split_words(counts, tokenizer)

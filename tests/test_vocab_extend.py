@@ -13,12 +13,14 @@ import transformers
 
 from bertforge.cli import main
 from bertforge.config import ModelConfig
+from bertforge.data.corpus import CorpusStats
 from bertforge.data.dataset import PretrainData
+from bertforge.errors import BertforgeError
 from bertforge.heads import BertForPreTraining
 from bertforge.hf import export_hf
 from bertforge.model_folder import load_model
 from bertforge.tokenizer import Tokenizer, load_tokenizer
-from bertforge.vocab_extend import extend_vocabulary
+from bertforge.vocab_extend import count_words, extend_vocabulary, split_words
 
 LETTERS = list(string.ascii_lowercase)
 VOCAB = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused2]",
@@ -224,3 +226,46 @@ def test_cli_errors_are_one_line(case, message, source, corpus, tmp_path, capsys
     assert err.startswith("bertforge: error: ") and message in err, err
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+ZH_VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused1]", "[unused2]",
+            *"我买了一个手机。很好用，屏幕也这的不电池"]
+# jieba: 手机 3, 不好 2, 屏幕 2, then 一个, 这个, 电池, 手机电池 once each; 耐用 has a character the vocabulary lacks.
+ZH_CORPUS = "我买了一个手机。\n手机很好用，屏幕也很好。\n这个手机的屏幕不好，电池也不好。\n手机电池很耐用。\n"
+
+
+def test_chinese_words_from_jieba_become_whole_tokens(tmp_path):
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text(ZH_CORPUS, encoding="utf-8")
+    source = make_model(tmp_path / "source", ZH_VOCAB)
+    with pytest.raises(BertforgeError, match="nothing to add"):   # without jieba every word is one character
+        extend_vocabulary(source, [corpus], 3, tmp_path / "plain")
+    out = tmp_path / "out"
+    report = extend_vocabulary(source, [corpus], 3, out, chinese_words=True)
+    assert [(word.word, word.id, word.pieces, word.count) for word in report.added] == [
+        ("手机", 1, ("手", "机"), 3), ("不好", 6, ("不", "好"), 2), ("屏幕", 7, ("屏", "幕"), 2)]
+    assert "耐用" not in [word for word, _ in split_words(count_words(
+        [corpus], load_tokenizer(source), None, CorpusStats(), chinese_words=True), load_tokenizer(source))]
+    tokenizer = load_tokenizer(out)
+    text = "这个手机的屏幕不好，手机电池很好。"
+    assert tokenizer.tokenize(text) == ["这", "个", "手机", "的", "屏幕", "不好", "，", "手机", "电", "池", "很", "好",
+                                        "。"]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer(text)["input_ids"] == [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
+    old, new = state_of(source), state_of(out)
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(new[embeddings][1], old[embeddings][[ZH_VOCAB.index("手"), ZH_VOCAB.index("机")]].mean(0))
+    data = tmp_path / "DATA"
+    assert main(["prepare", str(corpus), "--tokenizer", str(out), "--out", str(data), "--chinese-wwm",
+                 "--max-seq-len", "32", "--validation-fraction", "0", "--quiet"]) == 0
+    store = PretrainData(data).split("train")
+    assert 1 in {int(i) for index in range(len(store)) for i in store[index]["original_ids"]}
+
+
+def test_chinese_words_need_a_vocabulary_that_splits_cjk_characters(tmp_path, corpus):
+    source = tmp_path / "source"
+    make_model(source, ZH_VOCAB)
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (source / "tokenizer_config.json").write_text(json.dumps(config | {"tokenize_chinese_chars": False}))
+    with pytest.raises(BertforgeError, match="--chinese-words needs a vocabulary that splits CJK characters"):
+        extend_vocabulary(source, [corpus], 3, tmp_path / "out", chinese_words=True)

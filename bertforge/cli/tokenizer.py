@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extend.add_argument("--out", required=True, metavar="DIR2", help="folder to write the extended model to")
     extend.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="corpus format (default: detect per file: wikiextractor, jsonl or lines)")
+    extend.add_argument("--chinese-words", action="store_true",
+                        help="also add multi-character Chinese words found by jieba (for a character-level vocabulary)")
     extend.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
     extend.set_defaults(func=run_extend)
 
@@ -74,7 +76,8 @@ def run_extend(args: argparse.Namespace) -> int:
     from bertforge.vocab_extend import extend_vocabulary   # imported here: keeps `bertforge --help` fast (torch)
 
     report = extend_vocabulary(args.model, args.corpus, args.add, args.out,
-                               fmt=None if args.format == "auto" else args.format, overwrite=args.overwrite,
+                               fmt=None if args.format == "auto" else args.format,
+                               chinese_words=args.chinese_words, overwrite=args.overwrite,
                                show_progress=sys.stderr.isatty())
     for note in report.notes:
         print(f"bertforge: note: {note}", file=sys.stderr)
