@@ -67,7 +67,7 @@ class ExtendReport:
     grown: int               # words appended after the old vocabulary (the embedding matrix grew by this many rows)
     old_vocab_size: int
     vocab_size: int
-    words_counted: int       # running words in the corpus
+    words_counted: int       # running words in the corpus (with chinese_words, jieba's words on top)
     distinct_words: int
     split_words: int         # distinct words the old vocabulary splits into several pieces (the candidates)
     stats: CorpusStats
@@ -181,8 +181,8 @@ def extend_vocabulary(model_dir: str | Path, corpus: Iterable[str | Path], add: 
     `model_dir`: a run, checkpoint or model folder (`load_model`) with its vocabulary. `corpus`: files, directories
     or globs in any format `prepare` reads (`fmt` None detects per file). `chinese_words`: also multi-character
     Chinese words (jieba) for a vocabulary that splits CJK characters; the extended tokenizer matches them whole in
-    the raw text (`bertforge.tokenizer.is_cjk_word`). Fewer words are added when the corpus has
-    fewer candidates (`ExtendReport.split_words`). `out` must be new, empty, or with `overwrite` a model folder.
+    the raw text (`bertforge.tokenizer.is_cjk_word`). Fewer words are added when the corpus has fewer candidates
+    (`ExtendReport.split_words`). `out` must be new, empty, or with `overwrite` a model folder.
     """
     if add < 1:
         raise BertforgeError(f"--add must be at least 1 (got {add})")
@@ -203,7 +203,8 @@ def extend_vocabulary(model_dir: str | Path, corpus: Iterable[str | Path], add: 
         raise BertforgeError(f"the corpus holds no text ({len(paths)} file(s) read); give files with sentences in them")
     candidates = split_words(counts, tokenizer)
     if not candidates:
-        raise BertforgeError("the vocabulary already spells every word of the corpus as one piece; nothing to add")
+        raise BertforgeError("no word of the corpus is split into several known pieces by the vocabulary; "
+                             "nothing to add")
     chosen = candidates[:add]
 
     vocab = list(tokenizer.vocab)

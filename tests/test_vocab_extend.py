@@ -192,7 +192,7 @@ def copy_without_vocabulary(source: Path, folder: Path) -> Path:
     ("add 0", "--add must be at least 1 (got 0)"),
     ("missing corpus", "no such file or directory"),
     ("no vocabulary", "has no vocabulary"),
-    ("covered corpus", "spells every word of the corpus as one piece; nothing to add"),
+    ("covered corpus", "no word of the corpus is split into several known pieces by the vocabulary; nothing to add"),
     ("foreign out", "exists and is not a model folder"),
     ("existing model", "already holds a model; add --overwrite"),
     ("out is the model", "is the model being extended"),
