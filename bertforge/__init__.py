@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "Tokenizer": "bertforge.tokenizer",
     "load_tokenizer": "bertforge.tokenizer",
     "train_tokenizer": "bertforge.tokenizer",
+    "extend_vocabulary": "bertforge.vocab_extend",
 }
 
 __all__ = ["BertforgeError", "ModelConfig", "__version__", *_LAZY]
@@ -74,3 +75,4 @@ if TYPE_CHECKING:  # static type checkers see the real names
     from bertforge.model import Bert
     from bertforge.pretrain import PretrainConfig, evaluate, pretrain
     from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+    from bertforge.vocab_extend import extend_vocabulary

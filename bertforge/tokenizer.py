@@ -4,6 +4,8 @@ The pipeline is BERT's (Devlin et al. 2019, §A.2; Google's `tokenization.FullTo
 characters dropped, whitespace normalised), every CJK ideograph its own word, lower-casing and accent stripping
 unless cased, split on whitespace and punctuation, then greedy longest-match-first WordPiece with ``##``
 continuation pieces. HF `tokenizers` reproduces FullTokenizer's output exactly on the shared reference samples.
+One addition: a vocabulary entry of several CJK ideographs (a whole Chinese word, `tokenizer extend --chinese-words`)
+is matched in the raw text before normalisation, as an added token; BERT's own vocabularies hold none.
 
 A tokenizer folder holds ``vocab.txt`` (id == line number), ``tokenizer.json`` (with the ``[CLS] A [SEP] B [SEP]``
 template), ``tokenizer_config.json`` and ``special_tokens_map.json``, all loadable by
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -23,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
@@ -36,6 +40,15 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")   # same order as above
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_MAX_LENGTH = 512
+# The code points BERT's normalizer makes words of their own (Google's tokenization._is_chinese_char), two or more.
+_CJK_WORD = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b73f\U0002b740-\U0002b81f"
+                       "\U0002b820-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f]{2,}")
+
+
+def is_cjk_word(token: str) -> bool:
+    """Whether `token` is two or more CJK ideographs: an entry that WordPiece alone never reaches while CJK
+    characters are split (each ideograph is then a word of its own), so a whole word added on purpose."""
+    return _CJK_WORD.fullmatch(token) is not None
 
 
 class Tokenizer:
@@ -76,6 +89,11 @@ class Tokenizer:
         backend.decoder = decoders.WordPiece(prefix="##")
         # Special tokens typed in text ("the [MASK] store") are matched whole, as transformers does.
         backend.add_special_tokens([self.special_tokens[key] for key in _SPECIAL_KEYS])
+        words = [token for token in self.vocab if is_cjk_word(token)] if self.tokenize_chinese_chars else []
+        if words:
+            # Whole Chinese words (`tokenizer extend --chinese-words`) are matched in the raw text, before the
+            # normalizer splits ideographs apart; tokenizer.json keeps them as added tokens, so transformers agrees.
+            backend.add_tokens([AddedToken(word, normalized=False) for word in words])
         return backend
 
     def __len__(self) -> int:

@@ -1,8 +1,10 @@
-"""`bertforge tokenizer train`: a WordPiece vocabulary from a raw corpus."""
+"""`bertforge tokenizer train`: a WordPiece vocabulary from a raw corpus; `bertforge tokenizer extend`: a model's
+vocabulary grown by a domain corpus's frequent words."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from bertforge.corpus import default_corpus_files
@@ -11,7 +13,7 @@ from bertforge.tokenizer import train_tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tokenizer", help="train a WordPiece vocabulary")
+    parser = subparsers.add_parser("tokenizer", help="train a WordPiece vocabulary or extend a model's")
     commands = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     commands.required = True
     train = commands.add_parser(
@@ -32,6 +34,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer folder at --out")
     train.set_defaults(func=run_train)
 
+    extend = commands.add_parser(
+        "extend", help="add a domain corpus's frequent split words to a model's vocabulary",
+        description="Find the N most frequent words of a domain corpus that the model's vocabulary splits into "
+                    "several word pieces and add them as whole tokens: first into the [unusedX] slots, then by "
+                    "growing the embedding matrix. Each new embedding row (and MLM decoder bias) is the mean of "
+                    "the pieces it replaces. Writes a model folder that transformers, `prepare --tokenizer` and "
+                    "`pretrain --init` load.")
+    extend.add_argument("--model", required=True, metavar="DIR", help="run, checkpoint or model folder to extend")
+    extend.add_argument("--corpus", required=True, nargs="+", metavar="FILES",
+                        help="domain corpus: files, directories or globs (the formats `prepare` reads)")
+    extend.add_argument("--add", required=True, type=int, metavar="N", help="how many words to add")
+    extend.add_argument("--out", required=True, metavar="DIR2", help="folder to write the extended model to")
+    extend.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                        help="corpus format (default: detect per file: wikiextractor, jsonl or lines)")
+    extend.add_argument("--chinese-words", action="store_true",
+                        help="also add multi-character Chinese words found by jieba (for a character-level vocabulary)")
+    extend.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+    extend.set_defaults(func=run_extend)
+
 
 def run_train(args: argparse.Namespace) -> int:
     files = args.corpus or [str(path) for path in default_corpus_files()]
@@ -48,4 +69,20 @@ def run_train(args: argparse.Namespace) -> int:
     if len(tokenizer) < args.vocab_size:
         print(f"note: the corpus supports only {len(tokenizer):,} of the {args.vocab_size:,} entries asked for "
               "(lower --min-frequency or give more text)")
+    return 0
+
+
+def run_extend(args: argparse.Namespace) -> int:
+    from bertforge.vocab_extend import extend_vocabulary   # imported here: keeps `bertforge --help` fast (torch)
+
+    report = extend_vocabulary(args.model, args.corpus, args.add, args.out,
+                               fmt=None if args.format == "auto" else args.format,
+                               chinese_words=args.chinese_words, overwrite=args.overwrite,
+                               show_progress=sys.stderr.isatty())
+    for note in report.notes:
+        print(f"bertforge: note: {note}", file=sys.stderr)
+    print(report.summary())
+    if len(report.added) < args.add:
+        print(f"note: the corpus has only {len(report.added):,} words the vocabulary splits; all of them were added")
+    print(f"wrote {args.out}")
     return 0
