@@ -7,9 +7,10 @@ Correctness: each check is a row of the table, and any failed check makes the ex
                       the first 20. bf16 and fp16 (autocast, fp16 with the grad scaler) agree with fp32: every
                       20-step mean is within 3% of fp32's. Those are different roundings of one run, not identical ones.
   resume_after_kill   the fp32 run again through the CLI, SIGKILLed as soon as its first checkpoint exists, then
-                      resumed (`PretrainConfig.from_run`, what `--resume` runs). Every continued step's loss must be within 0.05 of the uninterrupted run's.
-                      CUDA kernels (atomic adds in the embedding backward, SDPA's backward) are not
-                      bit-deterministic, so identical runs drift apart slightly. The CPU reproduces it exactly.
+                      resumed (`PretrainConfig.from_run`, what `--resume` runs). Every continued step's loss must
+                      be within 0.05 of the uninterrupted run's. CUDA kernels (atomic adds in the embedding
+                      backward, SDPA's backward) are not bit-deterministic, so identical runs drift apart slightly.
+                      The CPU reproduces it exactly.
   export_logits       the fp32 run's RUN/model, as exported: our MLM and NSP logits on the device against
                       `transformers.BertForPreTraining.from_pretrained` on the CPU, max |diff| <= 1e-4 (real tokens).
   finetune_sst2       `finetune classify` from that model on the first 8,000 SST-2 training sentences, 3 epochs,
@@ -41,11 +42,9 @@ fp16 and torch.compile are skipped there.
     python benchmarks/gpu_check.py                       # on the GPU machine: reads .gpu_bundle/ (budget: 8 min)
     python benchmarks/gpu_check.py --smoke               # CPU, tiny sizes, data built on the fly (the test suite)
 
-On the device machine (no package registry, no ../shared), with `.gpu_bundle` carried, timeout_s 540:
-
-    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \\
-      .gpu_bundle/wheels/*.whl && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 timeout 500 \\
-      python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+The device machine reaches no package registry and gets no ../shared. It runs `DEVICE_COMMAND` (below; printed by
+--prepare-bundle) from the checkout's root, with `.gpu_bundle` carried and a time limit of 540 s. The JSON line
+and the log come back through $OUT.
 """
 
 from __future__ import annotations
@@ -75,7 +74,15 @@ import torch
 import finetune_throughput as ft
 import pretrain_throughput as pt
 from bertforge import BertforgeError, ModelConfig
+from bertforge.corpus import default_corpus_files
+from bertforge.data.dataset import PretrainData, collate_pretrain
+from bertforge.data.prepare import prepare
+from bertforge.distributed import resolve_device
+from bertforge.finetune import FinetuneConfig, finetune
+from bertforge.hf import load_model
 from bertforge.monitor import model_flops_per_token, peak_flops, read_metrics
+from bertforge.pretrain import PretrainConfig, pretrain
+from bertforge.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / ".gpu_bundle"
@@ -84,9 +91,13 @@ FALL = 0.05            # the last block's mean loss at least this fraction below
 AGREE = 0.03           # bf16 / fp16 block means within this fraction of fp32's
 RESUME_TOLERANCE = 0.05
 LOGITS_TOLERANCE = 1e-4
+CHILD_SECONDS = 300    # a child process (the run to kill, torchrun) that takes longer has hung: the check fails
 TARGET_MFU, TARGET_RATIO = 0.45, 1.3
 WHEELS = ("jieba", "zstandard")
 BUNDLE_LIMIT = 56 << 20  # the device tool carries 64 MiB with the checkout
+DEVICE_COMMAND = ("set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "
+                  ".gpu_bundle/wheels/*.whl && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 timeout 500 python3 "
+                  "benchmarks/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log")
 
 
 @dataclass(frozen=True)
@@ -131,9 +142,6 @@ SMOKE = Sizes(model="tiny", steps=40, batch=8, lr=1e-3, warmup=4, block=10, kill
               finetune_lr=5e-4, finetune_dropout=0.0, finetune_precision="fp32",
               bench_model="tiny", bench_batch=8, long_batch=4, finetune_batch=16, bench_warmup=1, bench_steps=2,
               bench_runs=1, precision="bf16", compile=False)
-CHECKS = ("pretrain_fp32", "pretrain_bf16", "pretrain_fp16", "resume_after_kill", "export_logits", "finetune_sst2",
-          "torchrun_1proc", "throughput_base128", "throughput_base128_compile", "throughput_base512",
-          "throughput_finetune_base")
 
 
 class CheckFailed(Exception):
@@ -171,10 +179,6 @@ class Context:
 def build_bundle(out: Path, sizes: Sizes, *, wheels: str | None) -> None:
     """What the run reads: DATA folders at both sequence lengths (a tokenizer trained on the bundled corpus),
     an SST-2 slice, and (`wheels` = a Python version) the jieba and zstandard wheels for the device machine."""
-    from bertforge.corpus import default_corpus_files
-    from bertforge.data.prepare import prepare
-    from bertforge.tokenizer import train_tokenizer
-
     files = default_corpus_files()[-sizes.corpus_files:]
     (out / "sst2").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bundle-") as work:  # each DATA folder keeps a copy
@@ -252,11 +256,11 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_check(ctx: Context, name: str, criterion: str, check: Callable[[], str]) -> None:
-    """Runs one check; records pass (its figures), fail (the reason) or skip, and how long it took."""
+def run_check(ctx: Context, name: str, criterion: str, check: Callable[..., str], *args: Any) -> None:
+    """Runs `check(ctx, *args)`; records pass (its figures), fail (the reason) or skip, and how long it took."""
     start = time.perf_counter()
     try:
-        status, result = "pass", check()
+        status, result = "pass", check(ctx, *args)
     except Skipped as reason:
         status, result = "skip", str(reason)
     except CheckFailed as reason:
@@ -275,8 +279,6 @@ def run_check(ctx: Context, name: str, criterion: str, check: Callable[[], str])
 def check_pretrain(ctx: Context, precision: str) -> str:
     if precision == "fp16" and ctx.device.type != "cuda":
         raise Skipped("fp16 autocast needs CUDA (bertforge refuses it on the CPU)")
-    from bertforge.pretrain import PretrainConfig, pretrain
-
     run = ctx.work / f"pretrain_{precision}"
     with quiet(ctx.work / f"pretrain_{precision}.log"):
         pretrain(PretrainConfig(out=run, **ctx.settings(precision, save_every=ctx.sizes.steps)))
@@ -314,16 +316,19 @@ def check_resume(ctx: Context) -> str:
                *cli_flags(ctx.settings("fp32", save_every=ctx.sizes.kill_save_every))]
     with open(log, "w", encoding="utf-8") as handle:
         child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env())
-        while child.poll() is None and not any(run.glob("checkpoints/step_*/meta.json")):
+        deadline = time.monotonic() + CHILD_SECONDS
+        while child.poll() is None and not any(run.glob("checkpoints/step_*/meta.json")) \
+                and time.monotonic() < deadline:
             time.sleep(0.005)
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
         child.wait()
     if child.returncode != -signal.SIGKILL:
         raise CheckFailed(f"the run ended (exit {child.returncode}) before it could be killed: {tail(log)}")
-    kept = max(int(path.parent.name.split("_")[1]) for path in run.glob("checkpoints/step_*/meta.json"))
-    from bertforge.pretrain import PretrainConfig, pretrain
-
+    saved = [int(path.parent.name.split("_")[1]) for path in run.glob("checkpoints/step_*/meta.json")]
+    if not saved:
+        raise CheckFailed(f"no checkpoint within {CHILD_SECONDS} s: {tail(log)}")
+    kept = max(saved)
     with quiet(ctx.work / "resumed.log"):  # what `bertforge pretrain --out RUN --resume` runs
         pretrain(PretrainConfig.from_run(run))
     worst = compare_losses(step_losses(run), ctx.losses["fp32"], range(kept + 1, ctx.sizes.steps + 1))
@@ -335,9 +340,6 @@ def check_resume(ctx: Context) -> str:
 
 def check_export(ctx: Context) -> str:
     import transformers
-
-    from bertforge import PretrainData, load_model
-    from bertforge.data.dataset import collate_pretrain
 
     model_dir = ctx.work / "pretrain_fp32" / "model"
     if not model_dir.is_dir():
@@ -354,15 +356,14 @@ def check_export(ctx: Context) -> str:
     real = batch["attention_mask"].bool()
     mlm = (out.mlm_logits.cpu()[real] - hf.prediction_logits[real]).abs().max().item()
     nsp = (out.nsp_logits.cpu() - hf.seq_relationship_logits).abs().max().item()
-    figures = f"max |diff| MLM {mlm:.1e}, NSP {nsp:.1e} ({ctx.device.type} vs transformers {transformers.__version__} on cpu)"
+    figures = (f"max |diff| MLM {mlm:.1e}, NSP {nsp:.1e} ({ctx.device.type} vs transformers "
+               f"{transformers.__version__} on cpu)")
     if max(mlm, nsp) > LOGITS_TOLERANCE:
         raise CheckFailed(f"{figures} (> {LOGITS_TOLERANCE})")
     return figures
 
 
 def check_finetune(ctx: Context) -> str:
-    from bertforge.finetune import FinetuneConfig, finetune
-
     model_dir = ctx.work / "pretrain_fp32" / "model"
     if not model_dir.is_dir():
         raise CheckFailed("needs the pretrain_fp32 run's exported model")
@@ -390,7 +391,7 @@ def check_torchrun(ctx: Context) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "bertforge",
                "pretrain", "--out", str(run), *cli_flags(ctx.settings("fp32", save_every=ctx.sizes.steps))]
     cuda = ctx.device.type == "cuda"
-    done = subprocess.run(command, capture_output=True, text=True,
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_SECONDS,
                           env=subprocess_env(**({"NCCL_DEBUG": "INFO"} if cuda else {})))
     if done.returncode != 0:
         raise CheckFailed(f"torchrun exited {done.returncode}: {done.stderr.strip()[-400:]}")
@@ -442,15 +443,17 @@ def measure(ctx: Context, workload: str, makers: dict[str, Callable[[], Any]], b
             continue
         finally:
             impl = None
+            if compile_models:
+                torch.compiler.reset()  # compiled graphs would keep this model's tensors alive
             free_device_memory()
         rate = tokens / seconds
         row[name] = {"tokens_per_s": rate, "mfu": flops_per_token * rate / peak, "peak_memory_bytes": memory,
                      "warmup_s": warmup}
-    ours, theirs = row["bertforge"], row.get("transformers", {})
+    ours, theirs = row["bertforge"], row["transformers"]
     if "tokens_per_s" in theirs:
         row["ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     ctx.throughput.append(row)
-    ratio = f", {row['ratio']:.2f}x transformers" if "ratio" in row else f", transformers {theirs.get('error')}"
+    ratio = f", {row['ratio']:.2f}x transformers" if "ratio" in row else f", transformers failed: {theirs['error']}"
     return f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}{ratio}"
 
 
@@ -464,7 +467,7 @@ def check_pretrain_throughput(ctx: Context, seq: int, batch_size: int, compile_m
     precision = ctx.sizes.precision
     makers = {"bertforge": lambda: pt.Ours(config, ctx.device, precision),
               "transformers": lambda: pt.Transformers(config, ctx.device, precision)}
-    workload = f"{ctx.sizes.bench_model} seq {seq} batch {batch_size} {precision}" + (" compile" if compile_models else "")
+    workload = f"{ctx.sizes.bench_model} seq {seq} batch {batch_size} {precision}{' compile' * compile_models}"
     return measure(ctx, workload, makers, batches, config, masked=True, compile_models=compile_models)
 
 
@@ -505,15 +508,21 @@ def report(ctx: Context, seconds: float, smoke: bool, json_path: Path | None) ->
     for name, r in ctx.results.items():
         print(f"| {name} | {r['status']} | {r['result']} | {r['criterion']} | {r['seconds']:.0f} |")
     if ctx.throughput:
-        print(f"\nMFU against {ctx.throughput[0]['peak_flops'] / 1e12:,.1f} TFLOP/s ({ctx.throughput[0]['peak_source']})\n")
+        first = ctx.throughput[0]
+        print(f"\nMFU against {first['peak_flops'] / 1e12:,.3g} TFLOP/s ({first['peak_source']})\n")
         print("| workload | bertforge tok/s | transformers tok/s | ratio | bertforge MFU | transformers MFU | "
-              "bertforge peak mem | transformers peak mem | bertforge warm-up s |\n|---|---|---|---|---|---|---|---|---|")
+              "bertforge peak mem | transformers peak mem | warm-up s (ours / theirs) |\n" + "|---" * 9 + "|")
         for row in ctx.throughput:
-            ours, theirs = row["bertforge"], row.get("transformers", {})
-            print(f"| {row['workload']} | {ours['tokens_per_s']:,.0f} | {theirs.get('tokens_per_s', 0):,.0f} | "
-                  f"{row.get('ratio', 0):.2f}x | {ours['mfu']:.1%} | {theirs.get('mfu', 0):.1%} | "
-                  f"{ours['peak_memory_bytes'] / 2**30:.2f} GiB | {theirs.get('peak_memory_bytes', 0) / 2**30:.2f} GiB | "
-                  f"{ours['warmup_s']:.1f} |")
+            ours, theirs = row["bertforge"], row["transformers"]
+            if "error" in theirs:
+                peer = [theirs["error"], "-", "-", "-", "-"]
+            else:
+                peer = [f"{theirs['tokens_per_s']:,.0f}", f"{row['ratio']:.2f}x", f"{theirs['mfu']:.1%}",
+                        f"{theirs['peak_memory_bytes'] / 2**30:.2f} GiB", f"{theirs['warmup_s']:.1f}"]
+            cells = [row["workload"], f"{ours['tokens_per_s']:,.0f}", peer[0], peer[1], f"{ours['mfu']:.1%}",
+                     peer[2], f"{ours['peak_memory_bytes'] / 2**30:.2f} GiB", peer[3],
+                     f"{ours['warmup_s']:.1f} / {peer[4]}"]
+            print("| " + " | ".join(cells) + " |")
     goal = targets(ctx)
     if goal:
         print(f"\ntargets (base seq 128 bf16): MFU {goal['mfu']:.1%} (>= {TARGET_MFU:.0%}: "
@@ -552,16 +561,16 @@ def run_all(ctx: Context) -> None:
     for precision in ("fp32", "bf16", "fp16"):
         run_check(ctx, f"pretrain_{precision}", f"last {s.block}-step mean >= {FALL:.0%} below the first"
                   + ("" if precision == "fp32" else f"; every block within {AGREE:.0%} of fp32"),
-                  lambda: check_pretrain(ctx, precision))
-    run_check(ctx, "resume_after_kill", f"max |loss diff| <= {RESUME_TOLERANCE}", lambda: check_resume(ctx))
-    run_check(ctx, "export_logits", f"max |diff| <= {LOGITS_TOLERANCE:g}", lambda: check_export(ctx))
-    run_check(ctx, "finetune_sst2", "accuracy > majority class", lambda: check_finetune(ctx))
-    run_check(ctx, "torchrun_1proc", f"exit 0, max |loss diff| <= {RESUME_TOLERANCE}", lambda: check_torchrun(ctx))
+                  check_pretrain, precision)
+    run_check(ctx, "resume_after_kill", f"max |loss diff| <= {RESUME_TOLERANCE}", check_resume)
+    run_check(ctx, "export_logits", f"max |diff| <= {LOGITS_TOLERANCE:g}", check_export)
+    run_check(ctx, "finetune_sst2", "accuracy > majority class", check_finetune)
+    run_check(ctx, "torchrun_1proc", f"exit 0, max |loss diff| <= {RESUME_TOLERANCE}", check_torchrun)
     for name, seq, batch, compile_models in (("throughput_base128", s.seq, s.bench_batch, False),
                                              ("throughput_base128_compile", s.seq, s.bench_batch, True),
                                              ("throughput_base512", s.long_seq, s.long_batch, False)):
-        run_check(ctx, name, "our step runs", lambda: check_pretrain_throughput(ctx, seq, batch, compile_models))
-    run_check(ctx, "throughput_finetune_base", "our step runs", lambda: check_finetune_throughput(ctx))
+        run_check(ctx, name, "our step runs", check_pretrain_throughput, seq, batch, compile_models)
+    run_check(ctx, "throughput_finetune_base", "our step runs", check_finetune_throughput)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,9 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         build_bundle(args.bundle, sizes, wheels=args.python_version)
         size = folder_bytes(args.bundle)
         print(f"{args.bundle}: {size / 2**20:.1f} MiB (the device tool carries 64 MiB with the checkout)")
+        print(json.dumps({"command": DEVICE_COMMAND, "carry": [args.bundle.name], "timeout_s": 540}))
         return 0 if size <= BUNDLE_LIMIT else 1
-    from bertforge.distributed import resolve_device
-
     device = resolve_device("cpu" if args.smoke else args.device)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))
