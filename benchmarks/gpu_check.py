@@ -158,6 +158,7 @@ class Context:
     device: torch.device
     bundle: Path
     work: Path
+    skip: frozenset[str] = frozenset()  # --skip: checks left out of this run (e.g. a rerun of the failed ones)
     results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     losses: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     throughput: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -260,6 +261,8 @@ def run_check(ctx: Context, name: str, criterion: str, check: Callable[..., str]
     """Runs `check(ctx, *args)`; records pass (its figures), fail (the reason) or skip, and how long it took."""
     start = time.perf_counter()
     try:
+        if name in ctx.skip:
+            raise Skipped("left out by --skip")
         status, result = "pass", check(ctx, *args)
     except Skipped as reason:
         status, result = "skip", str(reason)
@@ -550,6 +553,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto; --smoke: cpu)")
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the JSON summary line to this file")
+    parser.add_argument("--skip", default="", help="comma-separated checks to leave out (the others that need "
+                        "pretrain_fp32's run fail without it)")
     return parser.parse_args(argv)
 
 
@@ -592,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not (bundle / f"data{sizes.seq}" / "manifest.json").is_file():
             raise SystemExit(f"gpu_check: {bundle} holds no prepared data; run `python benchmarks/gpu_check.py "
                              "--prepare-bundle` first (on a machine with ../shared/data and a package registry)")
-        ctx = Context(sizes=sizes, device=device, bundle=bundle, work=work)
+        skip = frozenset(name.strip() for name in args.skip.split(",") if name.strip())
+        ctx = Context(sizes=sizes, device=device, bundle=bundle, work=work, skip=skip)
         start = time.perf_counter()
         run_all(ctx)
         passed = report(ctx, time.perf_counter() - start, args.smoke, args.json)
