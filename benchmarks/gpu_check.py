@@ -180,6 +180,8 @@ class Context:
 def build_bundle(out: Path, sizes: Sizes, *, wheels: str | None) -> None:
     """What the run reads: DATA folders at both sequence lengths (a tokenizer trained on the bundled corpus),
     an SST-2 slice, and (`wheels` = a Python version) the jieba and zstandard wheels for the device machine."""
+    if not (SST2 / "train.tsv.gz").is_file():
+        raise BertforgeError(f"{SST2} is missing: the SST-2 slice comes from ../shared/data")
     files = default_corpus_files()[-sizes.corpus_files:]
     (out / "sst2").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bundle-") as work:  # each DATA folder keeps a copy
@@ -608,6 +610,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except BertforgeError as exc:
+    except (BertforgeError, subprocess.CalledProcessError) as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         sys.exit(2)
