@@ -45,24 +45,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_folder(size: str, work: Path) -> Path:
-    """A random `size` BERT with a 30,522-row embedding (the reference 8k vocabulary padded out), exported."""
+def make_folder(size: str, work: Path, vocab: Path = VOCAB) -> Path:
+    """A random `size` BERT with a 30,522-row embedding (`vocab`, by default the reference 8k vocabulary, padded
+    out), exported."""
     from bertforge.config import ModelConfig
     from bertforge.heads import BertForPreTraining
     from bertforge.hf import export_hf
     from bertforge.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(VOCAB)
+    tokenizer = load_tokenizer(vocab)
     torch.manual_seed(0)
     model = BertForPreTraining(ModelConfig.preset(size, vocab_size=30522))
     export_hf(model, tokenizer, work / size)
     return work / size
 
 
-def sst2_batches(folder: Path, batch_size: int, count: int, *, bucketed: bool = False) -> list[dict[str, torch.Tensor]]:
-    """`count` batches of SST-2 training sentences as `bertforge finetune classify` builds them (with
-    `--length-bucketing`: drawn from the batches of its first 50-batch sorting window, in the loader's random
-    order)."""
+def sst2_batches(folder: Path, batch_size: int, count: int, *, bucketed: bool = False,
+                 train_file: Path = SST2_TRAIN) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of SST-2 training sentences (`train_file`, plain or gzipped TSV) as `bertforge finetune
+    classify` builds them (with `--length-bucketing`: drawn from the batches of its first 50-batch sorting window,
+    in the loader's random order)."""
     import random
 
     from bertforge.finetune import _bucketed
@@ -72,7 +74,8 @@ def sst2_batches(folder: Path, batch_size: int, count: int, *, bucketed: bool = 
 
     task = TASKS["classify"](TaskOptions())
     head = Path(tempfile.mkdtemp()) / "train.tsv"
-    with gzip.open(SST2_TRAIN, "rt", encoding="utf-8") as handle:
+    opener = gzip.open if train_file.suffix == ".gz" else open
+    with opener(train_file, "rt", encoding="utf-8") as handle:
         lines = batch_size * (50 if bucketed else count) + 1
         head.write_text("".join(line for _, line in zip(range(lines), handle)), encoding="utf-8")
     examples = task.read(head)
@@ -92,18 +95,18 @@ class Ours:
 
     name = "bertforge"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: torch.device = torch.device("cpu"), precision: str = "fp32") -> None:
         from bertforge.finetune import load_task_model
         from bertforge.loop import autocast_context
         from bertforge.optim import build_optimizer, linear_schedule
         from bertforge.tasks import TASKS, TaskOptions
 
         torch.manual_seed(0)
-        self.model = load_task_model(folder, "BertForSequenceClassification", 2, 128, 0.1)[0].train()
+        self.model = load_task_model(folder, "BertForSequenceClassification", 2, 128, 0.1)[0].to(device).train()
         self.task = TASKS["classify"](TaskOptions(), label_names=["0", "1"])
         self.optimizer = build_optimizer(self.model, "adamw", lr=5e-5, weight_decay=0.01)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
-        self.autocast = lambda: autocast_context(torch.device("cpu"), "fp32")
+        self.autocast = lambda: autocast_context(device, precision)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -119,30 +122,34 @@ class Ours:
 
 
 class Transformers:
-    """Stock `transformers.BertForSequenceClassification` (SDPA attention), its own loss, the same optimizer."""
+    """Stock `transformers.BertForSequenceClassification` (SDPA attention), its own loss, the same optimizer and
+    autocast."""
 
     name = "transformers"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: torch.device = torch.device("cpu"), precision: str = "fp32") -> None:
         import transformers
 
+        from bertforge.loop import autocast_context
         from bertforge.optim import build_optimizer, linear_schedule
 
         transformers.logging.set_verbosity_error()  # its note that the classifier is freshly initialised
         torch.manual_seed(0)
         self.model = transformers.BertForSequenceClassification.from_pretrained(
             folder, num_labels=2, attn_implementation="sdpa", hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1).train()
+            attention_probs_dropout_prob=0.1).to(device).train()
         self.optimizer = build_optimizer(self.model, "adamw", lr=5e-5, weight_decay=0.01)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
+        self.autocast = lambda: autocast_context(device, precision)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                           attention_mask=batch["attention_mask"]).logits
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss = self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                          attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        with self.autocast():
+            loss = self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                              attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

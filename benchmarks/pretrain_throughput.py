@@ -136,14 +136,15 @@ class Ours:
 
 
 class Transformers:
-    """Stock `transformers.BertForPreTraining` (sdpa attention), its own loss, the same optimizer."""
+    """Stock `transformers.BertForPreTraining` (sdpa attention), its own loss, the same optimizer and autocast."""
 
     name = "transformers"
 
-    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device, precision: str = "fp32") -> None:
         import transformers
 
         from bertforge.hf import config_to_hf
+        from bertforge.loop import autocast_context
         from bertforge.optim import build_optimizer, linear_schedule
 
         hf_config = transformers.BertConfig(**config_to_hf(config, "BertForPreTraining"))
@@ -152,6 +153,7 @@ class Transformers:
         self.model = transformers.BertForPreTraining(hf_config).to(device).train()
         self.optimizer = build_optimizer(self.model, "adamw", lr=1e-4, weight_decay=0.01)
         self.scheduler = linear_schedule(self.optimizer, warmup_steps=10, total_steps=10_000)
+        self.autocast = lambda: autocast_context(device, precision)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
@@ -159,7 +161,8 @@ class Transformers:
                           next_sentence_label=batch["next_sentence_label"])
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        loss = self.forward(batch).loss
+        with self.autocast():
+            loss = self.forward(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
