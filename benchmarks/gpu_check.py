@@ -84,7 +84,7 @@ from bertforge.data.dataset import PretrainData, collate_pretrain
 from bertforge.data.prepare import prepare
 from bertforge.distributed import resolve_device
 from bertforge.finetune import FinetuneConfig, finetune
-from bertforge.hf import load_model
+from bertforge.model_folder import load_model
 from bertforge.monitor import model_flops_per_token, peak_flops, read_metrics
 from bertforge.pretrain import PretrainConfig, pretrain
 from bertforge.tokenizer import train_tokenizer
