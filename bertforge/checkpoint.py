@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,13 @@ import torch
 from torch import nn
 
 from bertforge.errors import BertforgeError
-from bertforge.files import fsync_path, sha256_file
+from bertforge.run_folder import publish_dir, sha256_file, write_json
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
-# Test-only: seconds to sleep between writing the weights and meta.json, so that the fault tests
-# (tests/faults/) can SIGKILL a run inside the write window reliably. Unset in normal use.
-SAVE_DELAY_ENV = "BERTFORGE_TEST_SAVE_DELAY"
 _FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -119,22 +115,10 @@ def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, st
     tmp.mkdir(parents=True)
     safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
     torch.save(state, tmp / STATE_FILE)
-    if os.environ.get(SAVE_DELAY_ENV):
-        time.sleep(float(os.environ[SAVE_DELAY_ENV]))
-    files = {}
-    for name in (MODEL_FILE, STATE_FILE):
-        fsync_path(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    record = {"format_version": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
-    (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    fsync_path(tmp / META_FILE)
-    fsync_path(tmp)
-    if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
-        retired = final.parent / f".tmp-old-{final.name}"
-        os.replace(final, retired)
-        shutil.rmtree(retired)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+             for name in (MODEL_FILE, STATE_FILE)}
+    write_json(tmp / META_FILE, {"format_version": CHECKPOINT_FORMAT, "step": step, **meta, "files": files})
+    publish_dir(tmp, final)  # replaces an earlier save of this step (a resumed run that stops where it started)
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

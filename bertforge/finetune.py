@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -36,6 +35,7 @@ from bertforge import checkpoint, distributed, heads, hf, loop, optim
 from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
+from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tasks.base import Evaluation, Feature, collate_features
 from bertforge.tokenizer import Tokenizer, load_tokenizer
@@ -54,17 +54,20 @@ OUTPUTS = ("model", "metrics.json", "curves.png", "runs", *(f"dev_predictions{s}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the CLI flags map one to one onto these fields."""
+    """Everything a fine-tuning run needs; the CLI flags map one to one onto these fields.
+
+    A resumed run keeps every setting not declared `may_change` (where it runs and how often it saves).
+    """
 
     task: str                                   # classify | ner | qa
     model: str                                  # run folder, model folder or any Hugging Face BERT folder
     train: str
     dev: str
-    out: str
+    out: str = may_change()
     epochs: int = 3
     lr: float = 5e-5
     batch_size: int = 32
-    eval_batch_size: int = 64
+    eval_batch_size: int = may_change(64)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_seq_len: int | None = None              # None: 128 (classify, ner) or 384 (qa)
@@ -73,7 +76,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None       # a fixed subset of the training file (its first N examples)
     length_bucketing: bool = False              # batches of similar lengths (less padding, less shuffling)
     precision: str = "fp32"
-    device: str = "auto"
+    device: str = may_change("auto")
     dropout: float | None = None                # hidden and attention dropout (default: the model config's)
     layer_lr_decay: float = 1.0                 # < 1: layer-wise learning-rate decay (head at lr, layers below less)
     text_columns: tuple[str, ...] | None = None
@@ -85,9 +88,9 @@ class FinetuneConfig:
     max_answer_len: int = 30
     n_best: int = 20
     lang: str | None = None
-    save_every: int = 500                       # steps between checkpoints (also one at each epoch's end)
-    resume: bool = False                        # continue an interrupted run in `out`
-    overwrite: bool = False
+    save_every: int = may_change(500)           # steps between checkpoints (also one at each epoch's end)
+    resume: bool = may_change(False)            # continue an interrupted run in `out`
+    overwrite: bool = may_change(False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -346,7 +349,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     record = progress.run_record(config)
     if distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
                                                            overwrite=config.overwrite, outputs=OUTPUTS,
-                                                           defaults=progress.setting_defaults(config))):
+                                                           config=config)):
         config = dataclasses.replace(config, resume=True)  # a killed run of the same command continues
     for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")
@@ -387,8 +390,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     hf.export_hf(chosen["model"], chosen["tokenizer"], out / "model", architecture=task.architecture, labels=labels)
     task_record = {"task": config.task, "max_seq_len": max_seq_len,
                    "options": dataclasses.asdict(config.task_options()), "state": task.state()}
-    (out / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+    write_json(out / "model" / TASK_FILE, task_record, sort_keys=False)
     task.write_predictions(dev_examples, chosen["best"]["evaluation"],
                            out / f"dev_predictions{PREDICTION_SUFFIX[config.task]}")
     per_seed = [_numeric(r["best"]["evaluation"].metrics) for r in runs]
@@ -412,10 +414,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     summary["config"] = config.to_dict()
     _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
           out / "curves.png")
-    # metrics.json is written last and atomically: its presence marks a finished run
-    partial = out / "metrics.json.tmp"
-    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, out / "metrics.json")
+    write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: its presence marks a finished run
     return summary
 
 
@@ -460,7 +459,7 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")  # never a half-written file under the real name
     task.write_predictions(examples, evaluation, partial)
-    os.replace(partial, out_path)
+    publish_file(partial, out_path)
     return _numeric(evaluation.metrics)
 
 

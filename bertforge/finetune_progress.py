@@ -13,9 +13,7 @@ Every file here is written atomically (temporary name, then rename).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,13 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from bertforge import checkpoint
 from bertforge.errors import BertforgeError
-from bertforge.files import sha256_file, write_json_atomic
+from bertforge.run_folder import (OutKind, changed_setting, check_out, publish_file, run_settings, sha256_file,
+                                 write_json_atomic)
 
 RECORD_FILE = "config.json"       # under DIR/runs/
 PROGRESS_FILE = "progress.json"   # under DIR/runs/seed_S/
 BEST_FILE = "best.safetensors"    # under DIR/runs/seed_S/
-# Settings that may change on --resume: where it runs and how often it saves, not what it trains.
-NOT_DEFINING = ("out", "resume", "overwrite", "device", "eval_batch_size", "save_every")
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -41,11 +38,8 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 def run_record(config: Any) -> dict[str, Any]:
     """The run-defining settings of a FinetuneConfig, with the content hashes of its train and dev files."""
-    record = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_DEFINING}
-    record["seeds"] = list(config.seeds or (config.seed,))
-    record["train_sha256"] = sha256_file(Path(config.train))
-    record["dev_sha256"] = sha256_file(Path(config.dev))
-    return json.loads(json.dumps(record))  # tuples -> lists, as read back from disk
+    return {**run_settings(config), "seeds": list(config.seeds or (config.seed,)),
+            "train_sha256": sha256_file(Path(config.train)), "dev_sha256": sha256_file(Path(config.dev))}
 
 
 def read_progress(run_dir: Path) -> dict[str, Any] | None:
@@ -58,14 +52,14 @@ def write_progress(run_dir: Path, history: list[dict[str, Any]], best: dict[str,
     """history: [{epoch, step, metrics}], metrics numeric; best: {epoch, step, score} or None."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / PROGRESS_FILE, {"history": history, "best": best, "finished": finished,
-                                          "stop_reason": stop_reason})
+                                                "stop_reason": stop_reason}, indent=1, sort_keys=False)
 
 
 def save_best(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (BEST_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, run_dir / BEST_FILE)
+    publish_file(tmp, run_dir / BEST_FILE)
 
 
 def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -85,28 +79,19 @@ def _has_progress(out: Path, seeds: list[int]) -> bool:
     return False
 
 
-def setting_defaults(config: Any) -> dict[str, Any]:
-    """The default of every FinetuneConfig setting, as a record stores it (to read records of older versions)."""
-    fields = dataclasses.fields(config)
-    return json.loads(json.dumps({f.name: f.default for f in fields if f.default is not dataclasses.MISSING}))
-
-
-def _changed(saved: dict[str, Any], record: dict[str, Any], defaults: dict[str, Any]) -> str | None:
-    """How the settings differ from the saved run's (None: the same run).
-
-    A setting the saved record lacks (written before the setting existed) counts as its default.
-    """
-    for name in record:
-        before = saved.get(name, defaults.get(name))
-        if before != record[name]:
-            if name.endswith("_sha256"):
-                return f"the {name.removesuffix('_sha256')} file changed since the run started"
-            return f"{name} was {before!r}, now {record[name]!r}"
-    return None
+def describe_change(saved: dict[str, Any], record: dict[str, Any], config: Any) -> str | None:
+    """How the settings differ from the saved run's (None: the same run)."""
+    change = changed_setting(saved, record, config)
+    if change is None:
+        return None
+    name, before, now = change
+    if name.endswith("_sha256"):
+        return f"the {name.removesuffix('_sha256')} file changed since the run started"
+    return f"{name} was {before!r}, now {now!r}"
 
 
 def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool,
-                outputs: tuple[str, ...], defaults: dict[str, Any]) -> bool:
+                outputs: tuple[str, ...], config: Any) -> bool:
     """Rank 0's checks of DIR before any work; True when the run continues what DIR holds.
 
     --resume: the settings must be unchanged and a seed unfinished. Otherwise a finished run, or one stopped by a
@@ -114,6 +99,9 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
     continues; one with other settings is refused unless --overwrite. Whatever is cleared, the settings of this
     run are recorded first thing.
     """
+    kind = OutKind(noun="a fine-tuning run", foreign="holds other files, not a fine-tuning run", resumable=True,
+                   is_ours=lambda path: any((path / name).exists() for name in outputs))
+    check_out(out, kind, overwrite=overwrite, resume=True)  # a file or others' folder; the rest is decided here
     saved_path = out / "runs" / RECORD_FILE
     saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
     seeds = record["seeds"]
@@ -121,7 +109,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         if saved is None:
             raise BertforgeError(f"{out} holds no fine-tuning run to resume (runs/{RECORD_FILE} missing); start it "
                                  "without --resume")
-        changed = _changed(saved, record, defaults)
+        changed = describe_change(saved, record, config)
         if changed:
             raise BertforgeError(f"--resume continues {out} unchanged, but {changed}; pass --overwrite to start "
                                  "a new run instead")
@@ -139,7 +127,7 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
             raise BertforgeError(f"{out} already holds a fine-tuning run ({', '.join(present)}); pass "
                                  "--overwrite or choose another --out")
         if interrupted:
-            changed = _changed(saved, record, defaults)
+            changed = describe_change(saved, record, config)
             if changed:
                 raise BertforgeError(f"{out} holds an interrupted fine-tuning run with other settings ({changed}); "
                                      "pass --overwrite to start again or choose another --out")
@@ -153,5 +141,5 @@ def prepare_out(out: Path, record: dict[str, Any], *, resume: bool, overwrite: b
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved_path, record)
+    write_json_atomic(saved_path, record, indent=1, sort_keys=False)
     return False

@@ -32,6 +32,7 @@ from bertforge.checkpoint import (CHECKPOINTS_DIR, latest_complete_checkpoint, v
                                   write_failure_reason)
 from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
+from bertforge.run_folder import OutKind, check_out, publish_dir, write_json
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
 
@@ -43,6 +44,9 @@ CONFIG_NAME = "config.json"
 # metadata, so a damaged file is caught on load while the folder stays a plain Hugging Face folder (transformers
 # ignores extra metadata keys). Third-party files carry none: there only what safetensors itself checks is caught.
 DIGEST_KEY = "bertforge_tensors_sha256"
+# An export replaces an earlier model folder (one with config.json), never a folder of anything else.
+MODEL_FOLDER = OutKind(noun="a model folder", foreign="exists and is not a model folder",
+                       is_ours=lambda path: (path / CONFIG_NAME).is_file())
 
 # Hugging Face architecture name <-> our class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -151,10 +155,6 @@ def config_to_hf(config: ModelConfig, architecture: str, *, labels: Sequence[str
     return data
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -205,20 +205,6 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return dict(sorted(state.items()))
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` folder to `out_dir`, replacing an earlier model folder there."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file()):
-            shutil.rmtree(tmp)
-            raise BertforgeError(f"{out_dir} exists and is not a model folder; choose another output folder")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
 def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architecture: str | None = None,
               labels: Sequence[str] | None = None) -> None:
     """Write `model` as a Hugging Face BERT folder: config.json, model.safetensors and the tokenizer files.
@@ -242,7 +228,7 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", DIGEST_KEY: tensors_digest(state)})
         _sort_header_metadata(tmp / WEIGHTS_NAME)
-        _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
+        write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
         tokenizer.save(tmp)
     except (OSError, RuntimeError, SafetensorError) as exc:  # disk full or unwritable: never a half-written folder
         reason = write_failure_reason(exc, tmp)
@@ -252,7 +238,12 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
     except BaseException:  # Ctrl-C: never leave a half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, out_dir)
+    try:
+        check_out(out_dir, MODEL_FOLDER, overwrite=True)
+    except BertforgeError:
+        shutil.rmtree(tmp)
+        raise
+    publish_dir(tmp, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ import
