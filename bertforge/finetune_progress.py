@@ -2,8 +2,9 @@
 
     DIR/runs/config.json            the settings that define the run, and the sha256 of its train and dev files
     DIR/runs/seed_S/progress.json   per-epoch dev metrics so far, the best epoch, whether the seed finished
-    DIR/runs/seed_S/best.safetensors  the best epoch's weights so far
-    DIR/runs/seed_S/checkpoints/    the shared loop's checkpoints (removed once the seed finishes)
+    DIR/runs/seed_S/checkpoints/    the shared loop's checkpoints, each with the dev evaluations, best epoch and
+                                    best weights so far (`SeedProgress`); removed once the seed finishes
+    DIR/runs/seed_S/best.safetensors  the best epoch's weights, once the seed finished
 
 `--resume` continues every unfinished seed from its newest checkpoint (finished seeds are only re-evaluated).
 Running the same command again over a run that was killed does the same; nothing trained is ever cleared
@@ -14,18 +15,22 @@ Every file here is written atomically (temporary name, then rename).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from bertforge import checkpoint
+from bertforge import checkpoint, distributed
 from bertforge.errors import BertforgeError
 from bertforge.run_folder import (OutKind, changed_setting, check_out, publish_file, run_settings, sha256_file,
                                  write_json_atomic)
+from bertforge.tasks.base import Evaluation
 
 RECORD_FILE = "config.json"       # under DIR/runs/
 PROGRESS_FILE = "progress.json"   # under DIR/runs/seed_S/
@@ -47,23 +52,85 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def write_progress(run_dir: Path, history: list[dict[str, Any]], best: dict[str, Any] | None, *,
-                   finished: bool = False, stop_reason: str | None = None) -> None:
-    """history: [{epoch, step, metrics}], metrics numeric; best: {epoch, step, score} or None."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / PROGRESS_FILE, {"history": history, "best": best, "finished": finished,
-                                                "stop_reason": stop_reason}, indent=1, sort_keys=False)
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers among an evaluation's metrics (what the history and metrics.json keep)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def save_best(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (BEST_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    publish_file(tmp, run_dir / BEST_FILE)
+@dataclass
+class BestEpoch:
+    """A seed's best dev evaluation so far; `evaluation` is None when read back from disk (evaluated again)."""
+
+    epoch: int
+    step: int
+    score: float
+    evaluation: Evaluation | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "score": self.score}
 
 
-def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / BEST_FILE))
+class SeedProgress:
+    """A seed's dev evaluations: the per-epoch history, the best epoch and its weights (on the CPU).
+
+    The loop keeps it in every checkpoint (`state_dict`, `load_state_dict`), so a resumed seed goes on with the
+    evaluations and the best epoch it had at that checkpoint. Rank 0 also writes it to progress.json after each
+    evaluation, and the best weights to best.safetensors once the seed finishes.
+    """
+
+    def __init__(self, run_dir: Path, main_metric: str, steps_per_epoch: int) -> None:
+        self.run_dir, self.main_metric, self.steps_per_epoch = run_dir, main_metric, steps_per_epoch
+        self.history: list[dict[str, Any]] = []  # [{epoch, step, metrics}]
+        self.best: BestEpoch | None = None
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    def record(self, model: nn.Module, evaluation: Evaluation) -> dict[str, float]:
+        """Adds the dev evaluation of `model` at the end of the next epoch; returns what the loop logs."""
+        epoch = len(self.history) + 1
+        step = epoch * self.steps_per_epoch
+        metrics = numeric_metrics(evaluation.metrics)
+        self.history.append({"epoch": epoch, "step": step, "metrics": metrics})
+        score = evaluation.metrics.get(self.main_metric, -math.inf)
+        if score > (self.best.score if self.best else -math.inf):  # the first epoch wins ties: fewer updates
+            self.best = BestEpoch(epoch, step, score, evaluation)
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if distributed.is_main():
+            self._write(finished=False, stop_reason=None)
+        return {"epoch": epoch, **metrics}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best and self.best.summary(), "best_weights": self.best_weights}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise BertforgeError(f"the checkpoints in {self.run_dir} were written by an older bertforge that kept "
+                                 "the best epoch elsewhere; start the run again with --overwrite")
+        self.history = state["history"]
+        self.best = BestEpoch(**state["best"]) if state["best"] else None
+        self.best_weights = {k: v.cpu() for k, v in state["best_weights"].items()}
+
+    def load_finished(self) -> str | None:
+        """Reads back a seed that finished (its stop reason); None when it has not."""
+        saved = read_progress(self.run_dir)
+        if saved is None or not saved["finished"]:
+            return None
+        self.history, self.best = saved["history"], BestEpoch(**saved["best"])
+        self.best_weights = load_file(str(self.run_dir / BEST_FILE))
+        return saved["stop_reason"]
+
+    def finish(self, stop_reason: str) -> None:
+        """Rank 0: keeps the best weights and the record of a finished seed, and deletes its checkpoints."""
+        tmp = self.run_dir / (BEST_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.best_weights.items()}, str(tmp))
+        publish_file(tmp, self.run_dir / BEST_FILE)
+        self._write(finished=True, stop_reason=stop_reason)
+        shutil.rmtree(self.run_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
+
+    def _write(self, *, finished: bool, stop_reason: str | None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / PROGRESS_FILE, {"history": self.history, "best": self.best and
+                                                         self.best.summary(), "finished": finished,
+                                                         "stop_reason": stop_reason}, indent=1, sort_keys=False)
 
 
 def _unfinished(out: Path, seeds: list[int]) -> list[int]:

@@ -207,11 +207,12 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
           metrics_fn: Callable[[dict[str, float], int], dict[str, float]],
           evaluate_fn: Callable[[nn.Module], dict[str, float]] | None, monitor: Any, run_dir: Path,
           config: LoopConfig, device: torch.device, resume_from: Path | None = None,
-          checkpoint_meta: dict[str, Any] | None = None) -> LoopResult:
+          checkpoint_meta: dict[str, Any] | None = None, extra_state: Any = None) -> LoopResult:
     """Runs optimizer steps until `config.max_steps`, the time budget or a stop signal.
 
     model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on
-    the last micro-batch of a step). Returns where the run stopped and its last metrics.
+    the last micro-batch of a step). extra_state: the stage's own state (`state_dict()`, `load_state_dict()`)
+    that checkpoints keep and restore with the rest. Returns where the run stopped and its last metrics.
     """
     if config.precision not in PRECISIONS:
         raise BertforgeError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -234,6 +235,8 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
                      "scaler": scaler.state_dict(), "rng": rng_states[0]}
             if len(rng_states) > 1:
                 state["rng_ranks"] = rng_states
+            if extra_state is not None:
+                state["extra"] = extra_state.state_dict()
             meta = {**loader.state_dict(), "world_size": distributed.world_size(),
                     "global_batch": loader.instances_per_step, **meta_extra}
             path = checkpoint.save_checkpoint(run_dir, at_step, model=raw_model, state=state, meta=meta)
@@ -248,6 +251,8 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: torc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if extra_state is not None:
+            extra_state.load_state_dict(state.get("extra"))
         if data_position:  # each rank resumes its own random stream; after a world-size change only rank 0 can
             ranks = state.get("rng_ranks", [state["rng"]])  # (the others keep the fresh streams they were given)
             if len(ranks) == distributed.world_size():
