@@ -11,7 +11,7 @@ best epoch, export it, and predict with it later.
 
 Training runs `bertforge.loop.train` with one evaluation per epoch (`eval_every` = steps per epoch) and a
 checkpoint every `save_every` steps (every epoch when epochs are shorter); each evaluation scores the dev set and
-keeps the best weights so far in a `finetune_progress.SeedProgress`, which the loop's checkpoints carry.
+keeps the best weights so far in a `finetune_progress.SeedRun`, which the loop's checkpoints carry.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -200,32 +200,11 @@ def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path],
     figure.savefig(out_png, format="png")
 
 
-@dataclass
-class SeedRun:
-    """How one seed ended: its best epoch (None when stopped before the first evaluation) and its history."""
-
-    seed: int
-    stop_reason: str                    # "max_steps" | "signal"
-    step: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: progress.BestEpoch | None = None
-    model: nn.Module | None = None      # with the best epoch's weights; kept for the exported seed only
-
-
-def _loader(config: FinetuneConfig, features: list[Feature], pad_id: int, seed: int) -> loop.StepLoader:
-    if config.length_bucketing:
-        return loop.StepLoader(_bucketed(features, config.batch_size, seed),
-                               lambda items: collate_features(items[0], pad_id), batch_size=1, seed=seed)
-    return loop.StepLoader(features, partial(collate_features, pad_id=pad_id), batch_size=config.batch_size,
-                           seed=seed)
-
-
-def _fit(config: FinetuneConfig, task: Any, seed: int, model: nn.Module, loader: loop.StepLoader,
-         seed_progress: progress.SeedProgress, evaluate: Callable[[nn.Module], Evaluation],
-         device: torch.device) -> loop.LoopResult:
+def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepLoader, run: progress.SeedRun,
+         evaluate: Callable[[nn.Module], Evaluation], device: torch.device) -> loop.LoopResult:
     """The shared loop over `config.epochs` epochs, one dev evaluation per epoch (continues the newest checkpoint
     with `config.resume`)."""
-    run_dir, steps_per_epoch = seed_progress.run_dir, seed_progress.steps_per_epoch
+    seed, run_dir, steps_per_epoch = run.seed, run.run_dir, run.steps_per_epoch
     resume_from = checkpoint.latest_complete_checkpoint(run_dir) if config.resume else None
     start_step = int(resume_from.name.split("_")[1]) if resume_from is not None else 0
     total_steps = steps_per_epoch * config.epochs
@@ -250,20 +229,20 @@ def _fit(config: FinetuneConfig, task: Any, seed: int, model: nn.Module, loader:
         return loop.train(
             distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler, loader=loader,
             count_fn=lambda batch: {"units": task.loss_units(batch)}, loss_fn=loss_fn,
-            metrics_fn=lambda stats, steps: {}, evaluate_fn=lambda m: seed_progress.record(m, evaluate(m)),
+            metrics_fn=lambda stats, steps: {}, evaluate_fn=lambda m: run.record(m, evaluate(m)),
             monitor=monitor, run_dir=run_dir,
             config=loop.LoopConfig(max_steps=total_steps, precision=config.precision,
                                    log_every=max(1, steps_per_epoch // 10), eval_every=steps_per_epoch,
                                    save_every=min(config.save_every, steps_per_epoch), keep_last=1),
-            device=device, resume_from=resume_from, extra_state=seed_progress)
+            device=device, resume_from=resume_from, extra_state=run)
     finally:
         monitor.close()
 
 
 def _train_seed(config: FinetuneConfig, task: Any, seed: int, train_features: list[Feature], pad_id: int,
                 evaluate: Callable[[nn.Module], Evaluation], device: torch.device, run_dir: Path,
-                max_seq_len: int) -> SeedRun:
-    """One seed: a fresh head, `_fit`, then the best epoch's weights back in the model.
+                max_seq_len: int) -> tuple[progress.SeedRun, nn.Module]:
+    """One seed: a fresh head, `_fit`, then the model with the best epoch's weights (on the CPU).
 
     With `config.resume` a finished seed is only evaluated again from its best weights.
     """
@@ -272,31 +251,34 @@ def _train_seed(config: FinetuneConfig, task: Any, seed: int, train_features: li
                                   config.dropout)
     model.to(device)
     distributed.seed_rank_stream(seed)  # each rank its own dropout masks (the head was initialised from `seed`)
-    loader = _loader(config, train_features, pad_id, seed)
+    if config.length_bucketing:
+        loader = loop.StepLoader(_bucketed(train_features, config.batch_size, seed),
+                                 lambda items: collate_features(items[0], pad_id), batch_size=1, seed=seed)
+    else:
+        loader = loop.StepLoader(train_features, partial(collate_features, pad_id=pad_id),
+                                 batch_size=config.batch_size, seed=seed)
     steps_per_epoch = math.ceil(len(loader.dataset) / loader.instances_per_step)  # over all processes
-    seed_progress = progress.SeedProgress(run_dir, MAIN_METRIC["regression" if config.regression else config.task],
-                                          steps_per_epoch)
-    stop_reason = seed_progress.load_finished() if config.resume else None
-    step = steps_per_epoch * config.epochs
-    if stop_reason is None:
+    run = progress.SeedRun(seed, run_dir, MAIN_METRIC["regression" if config.regression else config.task],
+                           steps_per_epoch)
+    if not (config.resume and run.load_finished()):
         if distributed.is_main():
             processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
             print(f"bertforge: seed {seed}: {len(train_features):,} training inputs, batch {config.batch_size}"
                   f"{processes} -> {steps_per_epoch:,} steps per epoch x {config.epochs} "
                   f"epoch{'s' if config.epochs != 1 else ''}", file=sys.stderr)
-        result = _fit(config, task, seed, model, loader, seed_progress, evaluate, device)
-        stop_reason, step = result.stop_reason, result.step
-        if seed_progress.best is None:
-            if stop_reason != "signal":
-                raise BertforgeError(f"fine-tuning stopped ({stop_reason}) at step {step} before the first "
+        result = _fit(config, task, model, loader, run, evaluate, device)
+        run.stop_reason, run.step = result.stop_reason, result.step
+        if run.best is None:
+            if run.stop_reason != "signal":
+                raise BertforgeError(f"fine-tuning stopped ({run.stop_reason}) at step {run.step} before the first "
                                      "evaluation; nothing to export")
-            return SeedRun(seed, stop_reason, step)
-        if stop_reason != "signal" and distributed.is_main():
-            seed_progress.finish(stop_reason)
-    model.load_state_dict(seed_progress.best_weights)
-    if seed_progress.best.evaluation is None:  # read back from disk: the export needs its predictions
-        seed_progress.best.evaluation = evaluate(model.eval())
-    return SeedRun(seed, stop_reason, step, seed_progress.history, seed_progress.best, model.cpu())
+            return run, model
+        if run.stop_reason != "signal" and distributed.is_main():
+            run.finish()
+    model.load_state_dict(run.best_weights)
+    if run.best_evaluation is None:  # read back from disk: the export needs its predictions
+        run.best_evaluation = evaluate(model.eval())
+    return run, model.cpu()
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -309,7 +291,9 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         return _finetune(config)
 
 
-def _read_examples(task: Any, config: FinetuneConfig) -> tuple[list[Any], list[Any]]:
+def _finetune(config: FinetuneConfig) -> dict[str, Any]:
+    task = TASKS[config.task](config.task_options())
+    out = Path(config.out)
     train_path, dev_path = Path(config.train), Path(config.dev)
     train_examples = task.read(train_path)[:config.max_train_examples]
     task.fit_labels(train_examples, train_path)
@@ -317,13 +301,6 @@ def _read_examples(task: Any, config: FinetuneConfig) -> tuple[list[Any], list[A
     if not dev_examples:
         raise BertforgeError(f"{dev_path}: the dev file has no examples")
     task.check_labels(dev_examples, dev_path)
-    return train_examples, dev_examples
-
-
-def _finetune(config: FinetuneConfig) -> dict[str, Any]:
-    task = TASKS[config.task](config.task_options())
-    out = Path(config.out)
-    train_examples, dev_examples = _read_examples(task, config)
     max_seq_len = config.max_seq_len or task.default_max_seq_len
     device = distributed.resolve_device(config.device)
     # Checks the folder (vocabulary, position table) before any output is written.
@@ -343,16 +320,16 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
                             device=device)
         return task.evaluate(dev_examples, dev_features, outputs)
 
-    runs: list[SeedRun] = []
+    runs: list[progress.SeedRun] = []
+    chosen, exported = None, None
     for seed in config.seeds or (config.seed,):
-        run = _train_seed(config, task, seed, train_features, tokenizer.pad_id, evaluate, device,
-                          progress.seed_dir(out, seed), max_seq_len)
+        run, model = _train_seed(config, task, seed, train_features, tokenizer.pad_id, evaluate, device,
+                                 progress.seed_dir(out, seed), max_seq_len)
         if run.best is not None:  # None: stopped by a signal before its first evaluation
             runs.append(run)
-            chosen = max(runs, key=lambda r: r.best.score)  # the first of equal scores
-            for other in runs:
-                if other is not chosen:
-                    other.model = None  # only the exported seed's weights stay in memory
+            if chosen is None or run.best.score > chosen.best.score:  # the first of equal scores
+                chosen, exported = run, model
+        del model  # only the exported seed's weights stay in memory
         if run.stop_reason == "signal":  # stopped by the user: export what exists, run no more seeds
             break
     if not distributed.is_main():
@@ -362,11 +339,11 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
               "nothing to export yet", file=sys.stderr)
         return {"task": config.task, "stopped_early": True, "per_seed": []}
     labels = task.label_names or (["score"] if config.regression else None)
-    hf.export_hf(chosen.model, tokenizer, out / "model", architecture=task.architecture, labels=labels)
+    hf.export_hf(exported, tokenizer, out / "model", architecture=task.architecture, labels=labels)
     write_json(out / "model" / TASK_FILE, {"task": config.task, "max_seq_len": max_seq_len,
                                            "options": dataclasses.asdict(config.task_options()),
                                            "state": task.state()}, sort_keys=False)
-    task.write_predictions(dev_examples, chosen.best.evaluation,
+    task.write_predictions(dev_examples, chosen.best_evaluation,
                            out / f"dev_predictions{PREDICTION_SUFFIX[config.task]}")
     summary = _summary(config, runs, chosen, stopped_early=run.stop_reason == "signal")
     _plot({r.seed: r.history for r in runs}, {r.seed: progress.seed_dir(out, r.seed) for r in runs},
@@ -375,11 +352,11 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
-def _summary(config: FinetuneConfig, runs: list[SeedRun], chosen: SeedRun, *, stopped_early: bool
-             ) -> dict[str, Any]:
+def _summary(config: FinetuneConfig, runs: list[progress.SeedRun], chosen: progress.SeedRun, *,
+             stopped_early: bool) -> dict[str, Any]:
     """DIR/metrics.json: each dev metric's mean over the seeds (and `_std` with several), the exported seed's
     breakdowns, per-seed results and every seed's history."""
-    per_seed = [progress.numeric_metrics(r.best.evaluation.metrics) for r in runs]
+    per_seed = [progress.numeric_metrics(r.best_evaluation.metrics) for r in runs]
     summary: dict[str, Any] = {"task": config.task, "main_metric": MAIN_METRIC["regression" if config.regression
                                                                             else config.task]}
     for key in per_seed[0]:
@@ -389,8 +366,8 @@ def _summary(config: FinetuneConfig, runs: list[SeedRun], chosen: SeedRun, *, st
             summary[f"{key}_std"] = float(values.std(ddof=1))
     summary.update(best_epoch=chosen.best.epoch, exported_seed=chosen.seed, seeds=[r.seed for r in runs])
     for detail in ("per_type", "per_class", "confusion"):  # the exported seed's breakdown (ner; classify)
-        if detail in chosen.best.evaluation.metrics:
-            summary[detail] = chosen.best.evaluation.metrics[detail]
+        if detail in chosen.best_evaluation.metrics:
+            summary[detail] = chosen.best_evaluation.metrics[detail]
     summary["per_seed"] = [{"seed": r.seed, "best_epoch": r.best.epoch, "stop_reason": r.stop_reason, **m}
                            for r, m in zip(runs, per_seed)]
     summary["history"] = [{"seed": r.seed, "epoch": h["epoch"], "step": h["step"], **h["metrics"]}

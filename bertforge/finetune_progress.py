@@ -3,7 +3,7 @@
     DIR/runs/config.json            the settings that define the run, and the sha256 of its train and dev files
     DIR/runs/seed_S/progress.json   per-epoch dev metrics so far, the best epoch, whether the seed finished
     DIR/runs/seed_S/checkpoints/    the shared loop's checkpoints, each with the dev evaluations, best epoch and
-                                    best weights so far (`SeedProgress`); removed once the seed finishes
+                                    best weights so far (`SeedRun`); removed once the seed finishes
     DIR/runs/seed_S/best.safetensors  the best epoch's weights, once the seed finished
 
 `--resume` continues every unfinished seed from its newest checkpoint (finished seeds are only re-evaluated).
@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +59,28 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class BestEpoch:
-    """A seed's best dev evaluation so far; `evaluation` is None when read back from disk (evaluated again)."""
+    """A seed's best dev evaluation so far (as progress.json and checkpoints record it)."""
 
     epoch: int
     step: int
     score: float
-    evaluation: Evaluation | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "score": self.score}
 
 
-class SeedProgress:
-    """A seed's dev evaluations: the per-epoch history, the best epoch and its weights (on the CPU).
+class SeedRun:
+    """One seed's run: its dev evaluations (per-epoch history, best epoch, best weights on the CPU), how it ended.
 
-    The loop keeps it in every checkpoint (`state_dict`, `load_state_dict`), so a resumed seed goes on with the
-    evaluations and the best epoch it had at that checkpoint. Rank 0 also writes it to progress.json after each
-    evaluation, and the best weights to best.safetensors once the seed finishes.
+    The loop keeps the evaluations in every checkpoint (`state_dict`, `load_state_dict`), so a resumed seed goes on
+    with those it had at that checkpoint. Rank 0 also writes them to progress.json after each evaluation, and the
+    best weights to best.safetensors once the seed finishes.
     """
 
-    def __init__(self, run_dir: Path, main_metric: str, steps_per_epoch: int) -> None:
-        self.run_dir, self.main_metric, self.steps_per_epoch = run_dir, main_metric, steps_per_epoch
+    def __init__(self, seed: int, run_dir: Path, main_metric: str, steps_per_epoch: int) -> None:
+        self.seed, self.run_dir, self.main_metric, self.steps_per_epoch = seed, run_dir, main_metric, steps_per_epoch
         self.history: list[dict[str, Any]] = []  # [{epoch, step, metrics}]
         self.best: BestEpoch | None = None
         self.best_weights: dict[str, torch.Tensor] = {}
+        self.best_evaluation: Evaluation | None = None  # None when read back from disk (evaluated again)
+        self.stop_reason, self.step = "", 0  # where it ended and why: "max_steps" | "signal"
 
     def record(self, model: nn.Module, evaluation: Evaluation) -> dict[str, float]:
         """Adds the dev evaluation of `model` at the end of the next epoch; returns what the loop logs."""
@@ -92,45 +90,45 @@ class SeedProgress:
         self.history.append({"epoch": epoch, "step": step, "metrics": metrics})
         score = evaluation.metrics.get(self.main_metric, -math.inf)
         if score > (self.best.score if self.best else -math.inf):  # the first epoch wins ties: fewer updates
-            self.best = BestEpoch(epoch, step, score, evaluation)
+            self.best, self.best_evaluation = BestEpoch(epoch, step, score), evaluation
             self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if distributed.is_main():
-            self._write(finished=False, stop_reason=None)
+            self._write(finished=False)
         return {"epoch": epoch, **metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best and self.best.summary(), "best_weights": self.best_weights}
+        return {"history": self.history, "best": self.best and asdict(self.best), "best_weights": self.best_weights}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state is None:
             raise BertforgeError(f"the checkpoints in {self.run_dir} were written by an older bertforge that kept "
                                  "the best epoch elsewhere; start the run again with --overwrite")
         self.history = state["history"]
-        self.best = BestEpoch(**state["best"]) if state["best"] else None
+        self.best, self.best_evaluation = BestEpoch(**state["best"]) if state["best"] else None, None
         self.best_weights = {k: v.cpu() for k, v in state["best_weights"].items()}
 
-    def load_finished(self) -> str | None:
-        """Reads back a seed that finished (its stop reason); None when it has not."""
+    def load_finished(self) -> bool:
+        """Reads back a seed that finished; False when it has not."""
         saved = read_progress(self.run_dir)
         if saved is None or not saved["finished"]:
-            return None
-        self.history, self.best = saved["history"], BestEpoch(**saved["best"])
+            return False
+        self.history, self.best, self.stop_reason = saved["history"], BestEpoch(**saved["best"]), saved["stop_reason"]
         self.best_weights = load_file(str(self.run_dir / BEST_FILE))
-        return saved["stop_reason"]
+        return True
 
-    def finish(self, stop_reason: str) -> None:
+    def finish(self) -> None:
         """Rank 0: keeps the best weights and the record of a finished seed, and deletes its checkpoints."""
         tmp = self.run_dir / (BEST_FILE + ".tmp")
         save_file({k: v.contiguous() for k, v in self.best_weights.items()}, str(tmp))
         publish_file(tmp, self.run_dir / BEST_FILE)
-        self._write(finished=True, stop_reason=stop_reason)
+        self._write(finished=True)
         shutil.rmtree(self.run_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
 
-    def _write(self, *, finished: bool, stop_reason: str | None) -> None:
+    def _write(self, *, finished: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / PROGRESS_FILE, {"history": self.history, "best": self.best and
-                                                         self.best.summary(), "finished": finished,
-                                                         "stop_reason": stop_reason}, indent=1, sort_keys=False)
+        record = {"history": self.history, "best": self.best and asdict(self.best), "finished": finished,
+                  "stop_reason": self.stop_reason if finished else None}
+        write_json_atomic(self.run_dir / PROGRESS_FILE, record, indent=1, sort_keys=False)
 
 
 def _unfinished(out: Path, seeds: list[int]) -> list[int]:
@@ -138,12 +136,9 @@ def _unfinished(out: Path, seeds: list[int]) -> list[int]:
 
 
 def _has_progress(out: Path, seeds: list[int]) -> bool:
-    """Whether any seed finished, kept a best epoch or wrote a checkpoint: work --overwrite would throw away."""
-    for seed in seeds:
-        run_dir = seed_dir(out, seed)
-        if (run_dir / BEST_FILE).is_file() or checkpoint.latest_complete_checkpoint(run_dir) is not None:
-            return True
-    return False
+    """Whether any seed finished or wrote a checkpoint: work --overwrite would throw away."""
+    return any((seed_dir(out, s) / BEST_FILE).is_file() or
+               checkpoint.latest_complete_checkpoint(seed_dir(out, s)) is not None for s in seeds)
 
 
 def describe_change(saved: dict[str, Any], record: dict[str, Any], config: Any) -> str | None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bertforge.checkpoint import (CHECKPOINTS_DIR, latest_complete_checkpoint, verify_checkpoint,
-                                  write_failure_reason)
+from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint, verify_checkpoint
 from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
-from bertforge.run_folder import OutKind, check_out, publish_dir, write_json
+from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
 
@@ -218,32 +215,14 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
         raise BertforgeError(f"{len(labels)} label names given for a head with {model.num_labels} outputs")
     if labels is None and hasattr(model, "num_labels"):
         labels = [f"LABEL_{index}" for index in range(model.num_labels)]
+    check_out(out_dir, MODEL_FOLDER, overwrite=True)
     state = hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with writing_dir(out_dir, what="model folder", then="free space or fix the folder and export again") as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", DIGEST_KEY: tensors_digest(state)})
         _sort_header_metadata(tmp / WEIGHTS_NAME)
         write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
         tokenizer.save(tmp)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full or unwritable: never a half-written folder
-        reason = write_failure_reason(exc, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BertforgeError(f"cannot write model folder {out_dir} ({reason}); free space or fix the folder and "
-                             "export again") from None
-    except BaseException:  # Ctrl-C: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        check_out(out_dir, MODEL_FOLDER, overwrite=True)
-    except BertforgeError:
-        shutil.rmtree(tmp)
-        raise
-    publish_dir(tmp, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ import

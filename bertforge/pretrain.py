@@ -51,8 +51,7 @@ class PretrainConfig:
     another world size (the data position is global, so no instance is repeated or skipped).
     """
 
-    # One DATA folder, or several read as one (e.g. `prepare --shard-index` pieces).
-    data: Path | tuple[Path, ...] = may_change()
+    data: Path | tuple[Path, ...] = may_change()  # one DATA folder, or several read as one (`prepare` pieces)
     out: Path = may_change()
     model: str = "mini"                 # tiny|mini|small|medium|base|large or a CONFIG.json (architecture only)
     init: Path | None = None            # start from these weights and their architecture
@@ -80,8 +79,7 @@ class PretrainConfig:
     on_nan: str = may_change("stop")
     nan_lr_factor: float = may_change(1.0)  # with on_nan="rollback": multiply the learning rate by this per rollback
     eval_batches: int | None = may_change(None)  # cap on validation batches per evaluation (default: all)
-    # Seconds a collective waits for the other ranks.
-    dist_timeout: float = may_change(distributed.DEFAULT_TIMEOUT_SECONDS)
+    dist_timeout: float = may_change(distributed.DEFAULT_TIMEOUT_SECONDS)  # seconds a collective waits
     zero1: bool = may_change(False)     # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
 
     def __post_init__(self) -> None:

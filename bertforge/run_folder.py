@@ -1,16 +1,10 @@
 """An output folder's lifecycle, for every stage that writes one (tokenizer, DATA, run, demo, model folder).
 
-Opening --out: `check_out` decides whether a folder is new, holds the stage's own earlier output (which the
-stage resumes or, with --overwrite, replaces) or holds anything else (refused: bertforge never overwrites what it
-did not write). Each stage describes what it writes with an `OutKind`.
-
-Publishing: a file or folder is written under a temporary name beside its final one, flushed to disk (fsync)
-and renamed into place, then the parent folder is flushed, so a crash at any moment leaves either the complete
-old version or the complete new one, never something half-written that looks complete.
-
-The run record: the settings that define a run are the fields of its config dataclass not declared
-`may_change` (where it runs, how often it saves, ...). A resumed run must keep them; `changed_setting` says
-which one differs from the recorded run.
+`check_out` decides whether --out is new, holds the stage's own earlier output (an `OutKind` recognises it: the
+stage resumes or, with --overwrite, replaces it) or anything else (refused: bertforge never overwrites what it did
+not write). `publish_file` / `publish_dir` rename a finished temporary file or folder into place once it is on disk
+(fsync), so a crash leaves the complete old version or the complete new one, never a half-written one. The
+settings that define a run are its config dataclass's fields not declared `may_change`; a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -21,17 +15,19 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from safetensors import SafetensorError
 
 from bertforge.errors import BertforgeError
 
 _HASH_CHUNK = 1 << 20
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 _MAY_CHANGE = "may_change"
 
-
-# ---------------------------------------------------------------------------------------------- opening --out
 
 @dataclass(frozen=True)
 class OutKind:
@@ -64,8 +60,6 @@ def check_out(out: Path, kind: OutKind, *, overwrite: bool, resume: bool = False
         raise BertforgeError(f"--out {out} already holds {kind.noun}; pass {again}")
     return True
 
-
-# ---------------------------------------------------------------------------------------------- publishing
 
 def sha256_file(path: Path) -> str:
     """sha256 hex of a file, read in 1 MiB chunks."""
@@ -105,6 +99,42 @@ def publish_file(tmp: Path, path: Path) -> None:
     fsync_path(path.parent)
 
 
+@contextmanager
+def writing_dir(out: Path, *, what: str, then: str, tmp: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (`tmp`, default a hidden sibling of `out`) to write into; `publish_dir` at the end.
+
+    On any failure the folder is removed; a failed write (disk full, read-only or vanished folder) becomes one
+    line: "cannot write {what} {out} ({reason}); {then}".
+    """
+    tmp = tmp or out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        yield tmp
+        publish_dir(tmp, out)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        reason = write_failure_reason(exc, tmp.parent)  # measured before the partial folder frees its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BertforgeError(f"cannot write {what} {out} ({reason}); {then}") from None
+    except BaseException:  # Ctrl-C or a refusal: never a half-written folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_failure_reason(exc: BaseException, folder: Path) -> str:
+    """A short reason for a failed write. torch.save reports a full disk as a RuntimeError ("unexpected pos")
+    and safetensors as a SafetensorError, so the free space is checked to name the real cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        full = shutil.disk_usage(folder).free < _FULL_DISK_BYTES
+    except OSError:
+        full = False
+    return "No space left on device" if full or "No space left" in text else text
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Renames the finished folder `tmp` to `out` once everything in it is on disk.
 
@@ -114,18 +144,14 @@ def publish_dir(tmp: Path, out: Path) -> None:
     for path in sorted(tmp.rglob("*"), reverse=True):  # files before the folders that hold them
         fsync_path(path)
     fsync_path(tmp)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{out.name}-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{out.name}-", dir=out.parent)) if out.exists() else None
+    if old is not None:
         os.replace(out, old)  # onto the empty folder just made: a unique name
-        os.replace(tmp, out)
-        fsync_path(out.parent)
+    os.replace(tmp, out)
+    fsync_path(out.parent)
+    if old is not None:
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-        fsync_path(out.parent)
 
-
-# ---------------------------------------------------------------------------------------------- the run record
 
 def may_change(default: Any = dataclasses.MISSING) -> Any:
     """A config field that may differ between the sessions of one run (it does not define the run)."""

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -31,7 +28,7 @@ from tqdm import tqdm
 
 from bertforge.data.corpus import CorpusStats, expand_inputs, iter_documents
 from bertforge.errors import BertforgeError
-from bertforge.run_folder import OutKind, check_out, publish_dir, write_json
+from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")   # same order as above
@@ -292,17 +289,7 @@ def train_tokenizer(files: Iterable[str | Path], out_dir: str | Path, *, vocab_s
                                 trainer=trainer)
     trained = backend.get_vocab(with_added_tokens=True)
     tokenizer = Tokenizer(sorted(trained, key=trained.__getitem__), do_lower_case=not cased)
-    _save_atomically(tokenizer, out, overwrite)
-    return tokenizer
-
-
-def _save_atomically(tokenizer: Tokenizer, out: Path, overwrite: bool) -> None:
-    """Write into a temporary sibling folder, then publish it: an interrupted run leaves no half-written folder."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        tokenizer.save(tmp)
+    with writing_dir(out, what="tokenizer folder", then="free space or fix the folder and train again") as tmp:
+        tokenizer.save(tmp)  # then published: an interrupted run leaves no half-written folder
         check_out(out, TOKENIZER_FOLDER, overwrite=overwrite)  # the folder may have changed while we trained
-        publish_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    return tokenizer

@@ -1,7 +1,6 @@
 """`bertforge finetune {classify,ner,qa}` and `bertforge predict`: thin wrappers over `bertforge.finetune`.
 
-The finetune flags are `FinetuneConfig` fields; options the user does not type stay unset (argparse.SUPPRESS), so
-the dataclass holds the only defaults.
+The finetune flags are `FinetuneConfig` fields; flags not typed stay unset, so the dataclass holds every default.
 """
 
 from __future__ import annotations
@@ -109,8 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from bertforge.finetune import FinetuneConfig, finetune
 
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")})
     summary = finetune(config)
     from bertforge import distributed
 

@@ -35,7 +35,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bertforge.errors import BertforgeError
 from bertforge.run_folder import OutKind, check_out, publish_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
