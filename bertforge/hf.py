@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint, verify_checkpoint
 from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
-from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
+from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 
 WEIGHTS_NAME = "model.safetensors"
 SHARDED_INDEX_NAME = "model.safetensors.index.json"
