@@ -25,28 +25,22 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.torch
-from safetensors import SafetensorError
 import torch
 from torch import nn
 
 from bertforge.errors import BertforgeError
-from bertforge.files import fsync_path, sha256_file
+from bertforge.run_folder import sha256_file, write_json, writing_dir
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
-# Test-only: seconds to sleep between writing the weights and meta.json, so that the fault tests
-# (tests/faults/) can SIGKILL a run inside the write window reliably. Unset in normal use.
-SAVE_DELAY_ENV = "BERTFORGE_TEST_SAVE_DELAY"
-_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -88,53 +82,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, state: 
     `step`, the format version and each file's size and sha256.
     """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f".tmp-{final.name}"
-    try:
-        _write_checkpoint(tmp, final, step, model=model, state=state, meta=meta)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, read-only or vanished folder
-        reason = write_failure_reason(exc, final.parent)  # measured before the partial folder frees its space
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
-        raise BertforgeError(f"cannot write checkpoint {final} ({reason}); free space or fix the folder, then "
-                             "resume from the previous checkpoint with --resume") from None
-    return final
-
-
-def write_failure_reason(exc: BaseException, folder: Path) -> str:
-    """A short reason for a failed write. torch.save reports a full disk as a RuntimeError ("unexpected pos")
-    and safetensors as a SafetensorError, so the free space is checked to name the real cause."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    try:
-        full = shutil.disk_usage(folder).free < _FULL_DISK_BYTES
-    except OSError:
-        full = False
-    return "No space left on device" if full or "No space left" in text else text
-
-
-def _write_checkpoint(tmp: Path, final: Path, step: int, *, model: nn.Module, state: dict[str, Any],
-                      meta: dict[str, Any]) -> None:
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    if os.environ.get(SAVE_DELAY_ENV):
-        time.sleep(float(os.environ[SAVE_DELAY_ENV]))
-    files = {}
-    for name in (MODEL_FILE, STATE_FILE):
-        fsync_path(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    record = {"format_version": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
-    (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    fsync_path(tmp / META_FILE)
-    fsync_path(tmp)
-    if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
-        retired = final.parent / f".tmp-old-{final.name}"
-        os.replace(final, retired)
-        shutil.rmtree(retired)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
+    then = "free space or fix the folder, then resume from the previous checkpoint with --resume"
+    with writing_dir(final, what="checkpoint", then=then, tmp=final.parent / f".tmp-{final.name}") as tmp:
+        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                 for name in (MODEL_FILE, STATE_FILE)}
+        write_json(tmp / META_FILE, {"format_version": CHECKPOINT_FORMAT, "step": step, **meta, "files": files})
+    return final  # (an earlier save of this step, by a resumed run that stops where it started, is replaced)
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

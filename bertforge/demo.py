@@ -42,9 +42,12 @@ from bertforge.monitor import METRICS_FILE, read_metrics
 from bertforge.optim import build_optimizer
 from bertforge.precision import fastest_precision
 from bertforge.pretrain import PretrainConfig, count_targets, pretrain, pretraining_loss
+from bertforge.run_folder import OutKind, check_out
 from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 MARKER = "demo.json"  # marks a folder as a bertforge demo, so --overwrite never deletes anything else
+DEMO_FOLDER = OutKind(noun="a demo", foreign="is not empty and holds no bertforge demo",
+                      is_ours=lambda path: (path / MARKER).is_file(), resumable=True)
 VOCAB_SIZE = 8192
 MAX_SEQ_LEN = 128
 BATCH_SIZE = 32
@@ -112,22 +115,6 @@ def validation_baselines(data_dir: Path) -> Baselines:
                      instances=len(store), masked_tokens=sum(labels.values()))
 
 
-def _check_out(config: DemoConfig) -> None:
-    """Refuse a folder that is not ours; handle --overwrite / --resume for one that is."""
-    out = config.out
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise BertforgeError(f"--out {out} is a file; choose a folder for the demo")
-    ours = (out / MARKER).is_file()
-    if not ours and any(out.iterdir()):
-        raise BertforgeError(f"--out {out} is not empty and holds no bertforge demo; choose another --out")
-    if ours and not (config.overwrite or config.resume):
-        raise BertforgeError(f"{out} already holds a demo; pass --overwrite to redo it or --resume to train on")
-    if ours and config.overwrite:
-        shutil.rmtree(out)
-
-
 def _dupe_factor(minutes: float) -> int:
     """Passes over the corpus: ~1 per 2 minutes of budget (a pass is ~9.4k instances, about what `tiny` trains on
     in two minutes of an idle 2-core CPU), between 1 and 5, so training rarely repeats an instance."""
@@ -170,9 +157,9 @@ def _say(message: str) -> None:
 def run_demo(config: DemoConfig) -> str:
     """Run the demo end to end and return the report (the CLI prints it)."""
     start = time.monotonic()
-    _check_out(config)
-
     out = config.out
+    if check_out(out, DEMO_FOLDER, overwrite=config.overwrite, resume=config.resume) and config.overwrite:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
                               + "\n", encoding="utf-8")

@@ -10,8 +10,8 @@ best epoch, export it, and predict with it later.
                                 `--resume` continues from (see bertforge.finetune_progress)
 
 Training runs `bertforge.loop.train` with one evaluation per epoch (`eval_every` = steps per epoch) and a
-checkpoint every `save_every` steps (every epoch when epochs are shorter); the evaluation function scores the dev set and keeps
-the best weights so far (in memory and in runs/seed_S/best.safetensors).
+checkpoint every `save_every` steps (every epoch when epochs are shorter); each evaluation scores the dev set and
+keeps the best weights so far in a `finetune_progress.SeedRun`, which the loop's checkpoints carry.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +35,7 @@ from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
 from bertforge.precision import PRECISIONS, machine_record
+from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tasks.base import Evaluation, Feature, collate_features
 from bertforge.tokenizer import Tokenizer
@@ -50,17 +49,20 @@ OUTPUTS = ("model", "metrics.json", "curves.png", "runs", *(f"dev_predictions{s}
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the CLI flags map one to one onto these fields."""
+    """Everything a fine-tuning run needs; the CLI flags map one to one onto these fields.
+
+    A resumed run keeps every setting not declared `may_change` (where it runs and how often it saves).
+    """
 
     task: str                                   # classify | ner | qa
     model: str                                  # run folder, model folder or any Hugging Face BERT folder
     train: str
     dev: str
-    out: str
+    out: str = may_change()
     epochs: int = 3
     lr: float = 5e-5
     batch_size: int = 32
-    eval_batch_size: int = 64
+    eval_batch_size: int = may_change(64)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_seq_len: int | None = None              # None: 128 (classify, ner) or 384 (qa)
@@ -69,7 +71,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None       # a fixed subset of the training file (its first N examples)
     length_bucketing: bool = False              # batches of similar lengths (less padding, less shuffling)
     precision: str = "fp32"
-    device: str = "auto"
+    device: str = may_change("auto")
     dropout: float | None = None                # hidden and attention dropout (default: the model config's)
     layer_lr_decay: float = 1.0                 # < 1: layer-wise learning-rate decay (head at lr, layers below less)
     text_columns: tuple[str, ...] | None = None
@@ -81,9 +83,9 @@ class FinetuneConfig:
     max_answer_len: int = 30
     n_best: int = 20
     lang: str | None = None
-    save_every: int = 500                       # steps between checkpoints (also one at each epoch's end)
-    resume: bool = False                        # continue an interrupted run in `out`
-    overwrite: bool = False
+    save_every: int = may_change(500)           # steps between checkpoints (also one at each epoch's end)
+    resume: bool = may_change(False)            # continue an interrupted run in `out`
+    overwrite: bool = may_change(False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -172,10 +174,6 @@ def _bucketed(features: list[Feature], batch_size: int, seed: int) -> list[list[
     return batches
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path], main: str, out_png: Path) -> None:
     """Train loss per step and the dev metric per epoch, one line per seed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -197,119 +195,85 @@ def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path],
     figure.savefig(out_png, format="png")
 
 
-def _evaluate_state(model: nn.Module, state: dict[str, torch.Tensor],
-                    evaluate: Callable[[nn.Module], Evaluation]) -> Evaluation:
-    """The dev evaluation of `state`, loaded into `model` (left in training mode with those weights)."""
-    model.load_state_dict(state)
-    model.eval()
-    evaluation = evaluate(model)
-    model.train()
-    return evaluation
-
-
-def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features: list[Feature],
-                    evaluate: Callable[[nn.Module], Evaluation], device: torch.device, run_dir: Path,
-                    max_seq_len: int) -> dict[str, Any]:
-    """One seed: fresh head, the shared loop with one evaluation per epoch; returns best epoch, weights, history.
-
-    With `config.resume`, a finished seed is only re-evaluated from its best weights, and an unfinished one
-    continues from its newest checkpoint with the history and best epoch it had reached by then.
-    """
-    torch.manual_seed(seed)
-    model, tokenizer, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len,
-                                          config.dropout)
-    model.to(device)
-    distributed.seed_rank_stream(seed)  # each rank its own dropout masks (the head was initialised from `seed`)
-    saved = progress.read_progress(run_dir) if config.resume else None
-    best: dict[str, Any] = {"score": -math.inf}
-    history: list[dict[str, Any]] = []
-    if saved is not None and saved["finished"]:
-        state = progress.load_best(run_dir)
-        evaluation = _evaluate_state(model, state, evaluate)
-        best.update(saved["best"], evaluation=evaluation, state=state)
-        return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best,
-                "history": saved["history"], "stop_reason": saved["stop_reason"]}
+def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepLoader, run: progress.SeedRun,
+         evaluate: Callable[[nn.Module], Evaluation], device: torch.device) -> loop.LoopResult:
+    """The shared loop over `config.epochs` epochs, one dev evaluation per epoch (continues the newest checkpoint
+    with `config.resume`)."""
+    seed, run_dir, steps_per_epoch = run.seed, run.run_dir, run.steps_per_epoch
     resume_from = checkpoint.latest_complete_checkpoint(run_dir) if config.resume else None
     start_step = int(resume_from.name.split("_")[1]) if resume_from is not None else 0
-    if saved is not None and resume_from is not None:  # what was evaluated up to the checkpoint
-        history = [h for h in saved["history"] if h["step"] <= start_step]
-        if saved["best"] is not None and saved["best"]["step"] <= start_step:
-            state = progress.load_best(run_dir)
-            best.update(saved["best"], evaluation=_evaluate_state(model, state, evaluate), state=state)
-    if config.length_bucketing:
-        dataset: list = _bucketed(train_features, config.batch_size, seed)
-        loader = loop.StepLoader(dataset, lambda items: collate_features(items[0], tokenizer.pad_id),
-                                 batch_size=1, seed=seed)
-    else:
-        dataset = train_features
-        loader = loop.StepLoader(dataset, partial(collate_features, pad_id=tokenizer.pad_id),
-                                 batch_size=config.batch_size, seed=seed)
-    steps_per_epoch = math.ceil(len(dataset) / loader.instances_per_step)  # over all processes under torchrun
     total_steps = steps_per_epoch * config.epochs
     optimizer = optim.build_optimizer(model, "adamw", lr=config.lr, weight_decay=config.weight_decay,
                                       layer_lr_decay=config.layer_lr_decay)
     scheduler = optim.linear_schedule(optimizer, warmup_steps=round(config.warmup_ratio * total_steps),
                                       total_steps=total_steps)
-    main = MAIN_METRIC["regression" if config.regression else config.task]
-    if distributed.is_main():
-        processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-        print(f"bertforge: seed {seed}: {len(train_features):,} training inputs, batch {config.batch_size}{processes}"
-              f" -> {steps_per_epoch:,} steps per epoch x {config.epochs} epoch{'s' if config.epochs != 1 else ''}",
+    if resume_from is not None and distributed.is_main():
+        print(f"bertforge: seed {seed}: resuming from {resume_from} (step {start_step} of {total_steps})",
               file=sys.stderr)
-        if resume_from is not None:
-            print(f"bertforge: seed {seed}: resuming from {resume_from} (step {start_step} of {total_steps})",
-                  file=sys.stderr)
-
-    def summary_of_best() -> dict[str, Any] | None:
-        return {k: best[k] for k in ("epoch", "step", "score")} if "state" in best else None
-
-    def evaluate_fn(current: nn.Module) -> dict[str, float]:
-        evaluation = evaluate(current)
-        epoch = len(history) + 1
-        history.append({"epoch": epoch, "step": epoch * steps_per_epoch, "metrics": _numeric(evaluation.metrics)})
-        score = evaluation.metrics.get(main, -math.inf)
-        if score > best["score"]:  # first epoch wins ties: fewer updates for the same dev score
-            best.update(score=score, epoch=epoch, step=epoch * steps_per_epoch, evaluation=evaluation,
-                        state={k: v.detach().cpu().clone() for k, v in current.state_dict().items()})
-            if distributed.is_main():
-                progress.save_best(run_dir, best["state"])
-        if distributed.is_main():
-            progress.write_progress(run_dir, history, summary_of_best())
-        return {"epoch": epoch, **_numeric(evaluation.metrics)}
 
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
         return loss, {"tokens": batch["attention_mask"].sum().float()}
 
-    # A checkpoint every `save_every` steps, or at every epoch's end when epochs are shorter. A resumed run
-    # replays from there, evaluations included (those after the checkpoint were dropped from `history` above).
-    save_every = min(config.save_every, steps_per_epoch)
+    # A checkpoint every `save_every` steps, or at every epoch's end when epochs are shorter; each holds the
+    # evaluations so far, so a resumed run replays the evaluations after it.
     monitor = Monitor(run_dir, total_steps=total_steps, start_step=start_step,
                       desc=f"finetune {config.task} (seed {seed})", enabled=distributed.is_main())
     try:
-        result = loop.train(
+        return loop.train(
             distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler, loader=loader,
             count_fn=lambda batch: {"units": task.loss_units(batch)}, loss_fn=loss_fn,
-            metrics_fn=lambda stats, steps: {}, evaluate_fn=evaluate_fn, monitor=monitor, run_dir=run_dir,
+            metrics_fn=lambda stats, steps: {}, evaluate_fn=lambda m: run.record(m, evaluate(m)),
+            monitor=monitor, run_dir=run_dir,
             config=loop.LoopConfig(max_steps=total_steps, precision=config.precision,
                                    log_every=max(1, steps_per_epoch // 10), eval_every=steps_per_epoch,
-                                   save_every=save_every, keep_last=1),
-            device=device, resume_from=resume_from)
+                                   save_every=min(config.save_every, steps_per_epoch), keep_last=1),
+            device=device, resume_from=resume_from, extra_state=run)
     finally:
         monitor.close()
-    stopped = result.stop_reason == "signal"
-    if "state" not in best:
-        if not stopped:
-            raise BertforgeError(f"fine-tuning stopped ({result.stop_reason}) at step {result.step} before the "
-                                 "first evaluation; nothing to export")
-        return {"seed": seed, "best": None, "step": result.step, "stop_reason": result.stop_reason}
-    if distributed.is_main() and not stopped:  # finished: the checkpoints are not worth their disk any more
-        progress.write_progress(run_dir, history, summary_of_best(), finished=True, stop_reason=result.stop_reason)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    model.load_state_dict(best["state"])
-    return {"seed": seed, "model": model.cpu(), "tokenizer": tokenizer, "best": best, "history": history,
-            "stop_reason": result.stop_reason}
+
+
+def _train_seed(config: FinetuneConfig, task: Any, seed: int, train_features: list[Feature], pad_id: int,
+                evaluate: Callable[[nn.Module], Evaluation], device: torch.device, run_dir: Path,
+                max_seq_len: int) -> tuple[progress.SeedRun, nn.Module]:
+    """One seed: a fresh head, `_fit`, then the model with the best epoch's weights (on the CPU).
+
+    With `config.resume` a finished seed is only evaluated again from its best weights.
+    """
+    torch.manual_seed(seed)
+    model, _, _ = load_task_model(config.model, task.architecture, task.num_labels or None, max_seq_len,
+                                  config.dropout)
+    model.to(device)
+    distributed.seed_rank_stream(seed)  # each rank its own dropout masks (the head was initialised from `seed`)
+    if config.length_bucketing:
+        loader = loop.StepLoader(_bucketed(train_features, config.batch_size, seed),
+                                 lambda items: collate_features(items[0], pad_id), batch_size=1, seed=seed)
+    else:
+        loader = loop.StepLoader(train_features, partial(collate_features, pad_id=pad_id),
+                                 batch_size=config.batch_size, seed=seed)
+    steps_per_epoch = math.ceil(len(loader.dataset) / loader.instances_per_step)  # over all processes
+    run = progress.SeedRun(seed, run_dir, MAIN_METRIC["regression" if config.regression else config.task],
+                           steps_per_epoch)
+    if not (config.resume and run.load_finished()):
+        if distributed.is_main():
+            processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+            print(f"bertforge: seed {seed}: {len(train_features):,} training inputs, batch {config.batch_size}"
+                  f"{processes} -> {steps_per_epoch:,} steps per epoch x {config.epochs} "
+                  f"epoch{'s' if config.epochs != 1 else ''}", file=sys.stderr)
+        result = _fit(config, task, model, loader, run, evaluate, device)
+        run.stop_reason, run.step = result.stop_reason, result.step
+        if run.best is None:
+            if run.stop_reason != "signal":
+                raise BertforgeError(f"fine-tuning stopped ({run.stop_reason}) at step {run.step} before the first "
+                                     "evaluation; nothing to export")
+            return run, model
+        if run.stop_reason != "signal" and distributed.is_main():
+            run.finish()
+    model.load_state_dict(run.best_weights)
+    if run.best_evaluation is None:  # read back from disk: the export needs its predictions
+        run.best_evaluation = evaluate(model.eval())
+    return run, model.cpu()
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
@@ -326,9 +290,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     task = TASKS[config.task](config.task_options())
     out = Path(config.out)
     train_path, dev_path = Path(config.train), Path(config.dev)
-    train_examples = task.read(train_path)
-    if config.max_train_examples is not None:
-        train_examples = train_examples[:config.max_train_examples]
+    train_examples = task.read(train_path)[:config.max_train_examples]
     task.fit_labels(train_examples, train_path)
     dev_examples = task.read(dev_path)
     if not dev_examples:
@@ -341,7 +303,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     record = progress.run_record(config)
     if distributed.main_first(lambda: progress.prepare_out(out, record, resume=config.resume,
                                                            overwrite=config.overwrite, outputs=OUTPUTS,
-                                                           defaults=progress.setting_defaults(config))):
+                                                           config=config)):
         config = dataclasses.replace(config, resume=True)  # a killed run of the same command continues
     for note in notes if distributed.is_main() else ():
         print(f"bertforge: {note}")
@@ -353,65 +315,61 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
                             device=device)
         return task.evaluate(dev_examples, dev_features, outputs)
 
-    runs: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {}
+    runs: list[progress.SeedRun] = []
+    chosen, exported = None, None
     for seed in config.seeds or (config.seed,):
-        run = _train_one_seed(config, task, seed, train_features, evaluate, device, out / "runs" / f"seed_{seed}",
-                              max_seq_len)
-        if run["best"] is not None:  # None: stopped by a signal before its first evaluation
+        run, model = _train_seed(config, task, seed, train_features, tokenizer.pad_id, evaluate, device,
+                                 progress.seed_dir(out, seed), max_seq_len)
+        if run.best is not None:  # None: stopped by a signal before its first evaluation
             runs.append(run)
-            if not chosen or run["best"]["score"] > chosen["best"]["score"]:
-                chosen.pop("model", None)  # only the exported seed's weights stay in memory
-                chosen = run
-            else:
-                run.pop("model")
-        if run["stop_reason"] == "signal":  # stopped by the user: export what exists, run no more seeds
-            stopped_early = True
+            if chosen is None or run.best.score > chosen.best.score:  # the first of equal scores
+                chosen, exported = run, model
+        del model  # only the exported seed's weights stay in memory
+        if run.stop_reason == "signal":  # stopped by the user: export what exists, run no more seeds
             break
-    else:
-        stopped_early = False
     if not distributed.is_main():
         return {}
     if not runs:
-        print(f"bertforge: stopped at step {run['step']} of seed {run['seed']}, before its first evaluation: "
+        print(f"bertforge: stopped at step {run.step} of seed {run.seed}, before its first evaluation: "
               "nothing to export yet", file=sys.stderr)
         return {"task": config.task, "stopped_early": True, "per_seed": []}
-    seeds = [r["seed"] for r in runs]
-    main = MAIN_METRIC["regression" if config.regression else config.task]
     labels = task.label_names or (["score"] if config.regression else None)
-    hf.export_hf(chosen["model"], chosen["tokenizer"], out / "model", architecture=task.architecture, labels=labels)
-    task_record = {"task": config.task, "max_seq_len": max_seq_len,
-                   "options": dataclasses.asdict(config.task_options()), "state": task.state()}
-    (out / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-    task.write_predictions(dev_examples, chosen["best"]["evaluation"],
+    hf.export_hf(exported, tokenizer, out / "model", architecture=task.architecture, labels=labels)
+    write_json(out / "model" / TASK_FILE, {"task": config.task, "max_seq_len": max_seq_len,
+                                           "options": dataclasses.asdict(config.task_options()),
+                                           "state": task.state()}, sort_keys=False)
+    task.write_predictions(dev_examples, chosen.best_evaluation,
                            out / f"dev_predictions{PREDICTION_SUFFIX[config.task]}")
-    per_seed = [_numeric(r["best"]["evaluation"].metrics) for r in runs]
-    summary: dict[str, Any] = {"task": config.task, "main_metric": main}
+    summary = _summary(config, runs, chosen, stopped_early=run.stop_reason == "signal")
+    summary["machine"] = machine_record(config.precision, device)
+    _plot({r.seed: r.history for r in runs}, {r.seed: progress.seed_dir(out, r.seed) for r in runs},
+          summary["main_metric"], out / "curves.png")
+    write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: its presence marks a finished run
+    return summary
+
+
+def _summary(config: FinetuneConfig, runs: list[progress.SeedRun], chosen: progress.SeedRun, *,
+             stopped_early: bool) -> dict[str, Any]:
+    """DIR/metrics.json: each dev metric's mean over the seeds (and `_std` with several), the exported seed's
+    breakdowns, per-seed results and every seed's history."""
+    per_seed = [progress.numeric_metrics(r.best_evaluation.metrics) for r in runs]
+    summary: dict[str, Any] = {"task": config.task, "main_metric": MAIN_METRIC["regression" if config.regression
+                                                                            else config.task]}
     for key in per_seed[0]:
         values = np.array([m[key] for m in per_seed])
         summary[key] = float(values.mean())
         if len(runs) > 1:
             summary[f"{key}_std"] = float(values.std(ddof=1))
-    summary["best_epoch"] = chosen["best"]["epoch"]
-    summary["exported_seed"] = chosen["seed"]
-    summary["seeds"] = seeds
+    summary.update(best_epoch=chosen.best.epoch, exported_seed=chosen.seed, seeds=[r.seed for r in runs])
     for detail in ("per_type", "per_class", "confusion"):  # the exported seed's breakdown (ner; classify)
-        if detail in chosen["best"]["evaluation"].metrics:
-            summary[detail] = chosen["best"]["evaluation"].metrics[detail]
-    summary["per_seed"] = [{"seed": r["seed"], "best_epoch": r["best"]["epoch"], "stop_reason": r["stop_reason"],
-                            **m} for r, m in zip(runs, per_seed)]
-    summary["history"] = [{"seed": r["seed"], "epoch": h["epoch"], "step": h["step"], **_numeric(h["metrics"])}
-                          for r in runs for h in r["history"]]
+        if detail in chosen.best_evaluation.metrics:
+            summary[detail] = chosen.best_evaluation.metrics[detail]
+    summary["per_seed"] = [{"seed": r.seed, "best_epoch": r.best.epoch, "stop_reason": r.stop_reason, **m}
+                           for r, m in zip(runs, per_seed)]
+    summary["history"] = [{"seed": r.seed, "epoch": h["epoch"], "step": h["step"], **h["metrics"]}
+                          for r in runs for h in r.history]
     summary["stopped_early"] = stopped_early
     summary["config"] = config.to_dict()
-    summary["machine"] = machine_record(config.precision, device)
-    _plot({r["seed"]: r["history"] for r in runs}, {s: out / "runs" / f"seed_{s}" for s in seeds}, main,
-          out / "curves.png")
-    # metrics.json is written last and atomically: its presence marks a finished run
-    partial = out / "metrics.json.tmp"
-    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, out / "metrics.json")
     return summary
 
 
@@ -464,8 +422,8 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")  # never a half-written file under the real name
     task.write_predictions(examples, evaluation, partial)
-    os.replace(partial, out_path)
-    return _numeric(evaluation.metrics)
+    publish_file(partial, out_path)
+    return progress.numeric_metrics(evaluation.metrics)
 
 
 def _has_label(example: Any) -> bool:

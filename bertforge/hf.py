@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,11 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bertforge.checkpoint import write_failure_reason
 from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
+from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 
 WEIGHTS_NAME = "model.safetensors"
 SHARDED_INDEX_NAME = "model.safetensors.index.json"
@@ -41,6 +39,9 @@ CONFIG_NAME = "config.json"
 # metadata, so a damaged file is caught on load while the folder stays a plain Hugging Face folder (transformers
 # ignores extra metadata keys). Third-party files carry none: there only what safetensors itself checks is caught.
 DIGEST_KEY = "bertforge_tensors_sha256"
+# An export replaces an earlier model folder (one with config.json), never a folder of anything else.
+MODEL_FOLDER = OutKind(noun="a model folder", foreign="exists and is not a model folder",
+                       is_ours=lambda path: (path / CONFIG_NAME).is_file())
 
 # Hugging Face architecture name <-> our class.
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -149,10 +150,6 @@ def config_to_hf(config: ModelConfig, architecture: str, *, labels: Sequence[str
     return data
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -203,20 +200,6 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return dict(sorted(state.items()))
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` folder to `out_dir`, replacing an earlier model folder there."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file()):
-            shutil.rmtree(tmp)
-            raise BertforgeError(f"{out_dir} exists and is not a model folder; choose another output folder")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
 def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architecture: str | None = None,
               labels: Sequence[str] | None = None) -> None:
     """Write `model` as a Hugging Face BERT folder: config.json, model.safetensors and the tokenizer files.
@@ -230,27 +213,14 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, architec
         raise BertforgeError(f"{len(labels)} label names given for a head with {model.num_labels} outputs")
     if labels is None and hasattr(model, "num_labels"):
         labels = [f"LABEL_{index}" for index in range(model.num_labels)]
+    check_out(out_dir, MODEL_FOLDER, overwrite=True)
     state = hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with writing_dir(out_dir, what="model folder", then="free space or fix the folder and export again") as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", DIGEST_KEY: tensors_digest(state)})
         _sort_header_metadata(tmp / WEIGHTS_NAME)
-        _write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
+        write_json(tmp / CONFIG_NAME, config_to_hf(model.config, architecture, labels=labels, dtype=dtype))
         tokenizer.save(tmp)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full or unwritable: never a half-written folder
-        reason = write_failure_reason(exc, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BertforgeError(f"cannot write model folder {out_dir} ({reason}); free space or fix the folder and "
-                             "export again") from None
-    except BaseException:  # Ctrl-C: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out_dir)
 
 
 # ------------------------------------------------------------------------------------------- reading weights

@@ -215,6 +215,7 @@ class _Resumable:
     device: torch.device
     keep_last: int | None
     meta: dict[str, Any]            # the stage's extra meta.json fields
+    extra: Any = None               # the stage's own state (`state_dict()`, `load_state_dict()`), e.g. the best epoch
 
     def save(self, step: int) -> Path:
         """Writes the checkpoint of `step` on rank 0 (after every rank sent its part); returns its folder."""
@@ -228,6 +229,8 @@ class _Resumable:
                      "scaler": self.scaler.state_dict(), "rng": rng_states[0]}
             if len(rng_states) > 1:
                 state["rng_ranks"] = rng_states
+            if self.extra is not None:
+                state["extra"] = self.extra.state_dict()
             meta = {**self.loader.state_dict(), "world_size": distributed.world_size(),
                     "global_batch": self.loader.instances_per_step, **self.meta}
             path = checkpoint.save_checkpoint(self.run_dir, step, model=self.model, state=state, meta=meta)
@@ -243,6 +246,8 @@ class _Resumable:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.extra is not None:
+            self.extra.load_state_dict(state.get("extra"))
         if data_position:  # each rank resumes its own random stream; after a world-size change only rank 0 can
             ranks = state.get("rng_ranks", [state["rng"]])  # (the others keep the fresh streams they were given)
             if len(ranks) == distributed.world_size():
@@ -382,11 +387,12 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
           metrics_fn: Callable[[dict[str, float], int], dict[str, float]],
           evaluate_fn: Callable[[nn.Module], dict[str, float]] | None, monitor: Any, run_dir: Path,
           config: LoopConfig, device: torch.device, resume_from: Path | None = None,
-          checkpoint_meta: dict[str, Any] | None = None) -> LoopResult:
+          checkpoint_meta: dict[str, Any] | None = None, extra_state: Any = None) -> LoopResult:
     """Runs optimizer steps until `config.max_steps`, the time budget or a stop signal.
 
     model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on
-    the last micro-batch of a step). Returns where the run stopped and its last metrics.
+    the last micro-batch of a step). extra_state: the stage's own state (`state_dict()`, `load_state_dict()`)
+    that checkpoints keep and restore with the rest. Returns where the run stopped and its last metrics.
     """
     precision = resolve_precision(config.precision, device)  # refuses fp16 off CUDA before any work
     if distributed.is_main():  # above the stage's progress bar, which is drawn already
@@ -397,7 +403,8 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
     raw_model = _unwrap(model)
     forward_model = torch.compile(model) if config.compile else model
     resumable = _Resumable(model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader,
-                           run_dir=run_dir, device=device, keep_last=config.keep_last, meta=dict(checkpoint_meta or {}))
+                           run_dir=run_dir, device=device, keep_last=config.keep_last, meta=dict(checkpoint_meta or {}),
+                           extra=extra_state)
     step = resumable.restore(resume_from, data_position=True) if resume_from is not None else 0
     nonfinite = _NonFinite(config, resumable, monitor)
     if distributed.is_main():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from bertforge.config import ModelConfig
 from bertforge.precision import machine
+from bertforge.run_folder import publish_file
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -93,7 +93,7 @@ class Monitor:
         self._start = time.monotonic()
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        publish_file(tmp, self.metrics_path)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
         # Redraw at most once a second on a terminal; in a log file (CI) every 30 s keeps it readable.
         interactive = sys.stderr.isatty()
@@ -212,7 +212,7 @@ def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.name + ".tmp")
     figure.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    publish_file(tmp, out_png)
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int, masked_per_seq: float) -> float:

@@ -26,7 +26,6 @@ from bertforge import checkpoint, distributed
 from bertforge.config import PRESETS, ModelConfig, resolve_model_config
 from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
 from bertforge.errors import BertforgeError
-from bertforge.files import write_json_atomic
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf
 from bertforge.loop import LoopConfig, StepLoader, autocast_context, train
@@ -34,51 +33,56 @@ from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
+from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, run_settings,
+                                 write_json_atomic)
 from bertforge.tokenizer import load_tokenizer
 
 RUN_KIND = "bertforge-pretrain"
 CONFIG_FILE = "config.json"
-# Settings that define a run: `--resume` refuses to change them (the others may change between sessions).
-# The per-process batch and accumulation may change, e.g. to keep the global batch when resuming at another world
-# size (the data position is global, so no instance is repeated or skipped).
-RUN_DEFINING = ("model", "init", "lr", "warmup_steps", "max_steps", "epochs",
-                "weight_decay", "seed", "dynamic_masking", "optimizer", "dropout")
+RUN_FOLDER = OutKind(noun="a run", foreign="holds other files, not a bertforge run", resumable=True,
+                     is_ours=lambda path: (path / CONFIG_FILE).is_file() or
+                     (path / checkpoint.CHECKPOINTS_DIR).is_dir())
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    """Everything `bertforge pretrain` needs; the CLI flags are these fields."""
+    """Everything `bertforge pretrain` needs; the CLI flags are these fields.
 
-    data: Path | tuple[Path, ...]      # one DATA folder, or several read as one (e.g. `prepare --shard-index` pieces)
-    out: Path
+    `--resume` refuses to change the settings that define the run; those declared `may_change` may differ between
+    sessions. The per-process batch and accumulation may change, e.g. to keep the global batch when resuming at
+    another world size (the data position is global, so no instance is repeated or skipped).
+    """
+
+    data: Path | tuple[Path, ...] = may_change()  # one DATA folder, or several read as one (`prepare` pieces)
+    out: Path = may_change()
     model: str = "mini"                 # tiny|mini|small|medium|base|large or a CONFIG.json (architecture only)
     init: Path | None = None            # start from these weights and their architecture
-    batch_size: int = 32                # per process and micro-batch
-    grad_accum: int = 1
+    batch_size: int = may_change(32)    # per process and micro-batch
+    grad_accum: int = may_change(1)
     lr: float = 1e-4
     warmup_steps: int | None = None     # default: 10% of the steps, at most 10,000
     max_steps: int | None = None        # with `epochs`, whichever ends first; neither: one epoch
     epochs: float | None = None
     weight_decay: float = 0.01
-    precision: str = "fp32"
-    compile: bool = False
-    device: str = "auto"
+    precision: str = may_change("fp32")
+    compile: bool = may_change(False)
+    device: str = may_change("auto")
     seed: int = 0
-    log_every: int = 10
-    eval_every: int | None = 1000
-    save_every: int | None = 1000
-    keep_last: int | None = 3          # checkpoints kept (the newest complete one is never deleted)
-    resume: bool = False
-    overwrite: bool = False
+    log_every: int = may_change(10)
+    eval_every: int | None = may_change(1000)
+    save_every: int | None = may_change(1000)
+    keep_last: int | None = may_change(3)  # checkpoints kept (the newest complete one is never deleted)
+    resume: bool = may_change(False)
+    overwrite: bool = may_change(False)
     dynamic_masking: bool = False
     optimizer: str = "adamw"
     dropout: float | None = None        # hidden and attention dropout (default: the model config's)
-    max_minutes: float | None = None    # time budget: stop (evaluate, save, export) when spent
-    on_nan: str = "stop"
-    nan_lr_factor: float = 1.0          # with on_nan="rollback": multiply the learning rate by this per rollback
-    eval_batches: int | None = None     # cap on validation batches per evaluation (default: all)
-    dist_timeout: float = distributed.DEFAULT_TIMEOUT_SECONDS  # seconds a collective waits for the other ranks
-    zero1: bool = False                 # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
+    max_minutes: float | None = may_change(None)  # time budget: stop (evaluate, save, export) when spent
+    on_nan: str = may_change("stop")
+    nan_lr_factor: float = may_change(1.0)  # with on_nan="rollback": multiply the learning rate by this per rollback
+    eval_batches: int | None = may_change(None)  # cap on validation batches per evaluation (default: all)
+    dist_timeout: float = may_change(distributed.DEFAULT_TIMEOUT_SECONDS)  # seconds a collective waits
+    zero1: bool = may_change(False)     # shard the optimizer state over the processes (ZeroRedundancyOptimizer)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, tuple)):
@@ -121,10 +125,7 @@ class PretrainConfig:
         return self.data if isinstance(self.data, tuple) else (self.data,)
 
     def to_dict(self) -> dict[str, Any]:
-        def plain(value: Any) -> Any:
-            return [str(v) for v in value] if isinstance(value, tuple) else str(value) if isinstance(value, Path) \
-                else value
-        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
+        return as_json(dataclasses.asdict(self))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides: Any) -> "PretrainConfig":
@@ -266,34 +267,16 @@ def open_data(dirs: tuple[Path, ...]) -> list[PretrainData]:
     return datas
 
 
-def _out_needs_clearing(config: PretrainConfig) -> bool:
-    """Refuses an --out that holds something else; True when --overwrite must delete the run there."""
-    out = config.out
-    if config.resume or not out.exists():
-        return False
-    if not out.is_dir():
-        raise BertforgeError(f"--out {out} is a file; choose a folder")
-    if not any(out.iterdir()):
-        return False
-    is_run = (out / CONFIG_FILE).is_file() or (out / checkpoint.CHECKPOINTS_DIR).is_dir()
-    if not is_run:
-        raise BertforgeError(f"--out {out} holds other files, not a bertforge run; choose an empty or new folder")
-    if not config.overwrite:
-        raise BertforgeError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
-                             "start over (deleting it)")
-    return True
-
-
 def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: str) -> None:
     if saved.get("data_fingerprint") != fingerprint:
         raise BertforgeError(f"--data {' '.join(map(str, config.data_dirs))} is not the data run {config.out} was "
                              "trained on; resume with "
                              "the same DATA (a new phase on new data starts with --init RUN)")
-    before, now = saved["pretrain"], config.to_dict()
-    for name in RUN_DEFINING:
-        if before.get(name) != now[name]:
-            raise BertforgeError(f"--{name.replace('_', '-')} {now[name]} differs from the run's "
-                                 f"{before.get(name)}; --resume continues a run unchanged (omit the flag)")
+    change = changed_setting(saved["pretrain"], run_settings(config), config)
+    if change:
+        name, before, now = change
+        raise BertforgeError(f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume "
+                             "continues a run unchanged (omit the flag)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -386,14 +369,13 @@ def pretrain(config: PretrainConfig) -> RunResult:
 
 def _prepare_out(config: PretrainConfig, fingerprint: str) -> tuple[str | None, bool, dict[str, Any] | None]:
     """Rank 0's checks of --out: (checkpoint to resume from, whether --overwrite must clear it, saved config)."""
-    saved = None
-    resume_from = None
-    if config.resume:
-        saved = read_run_config(config.out)
-        _check_resume(config, saved, fingerprint)
-        latest = checkpoint.latest_complete_checkpoint(config.out)
-        resume_from = str(latest) if latest is not None else None
-    return resume_from, _out_needs_clearing(config), saved
+    ours = check_out(config.out, RUN_FOLDER, overwrite=config.overwrite, resume=config.resume)
+    if not config.resume:
+        return None, ours, None
+    saved = read_run_config(config.out)
+    _check_resume(config, saved, fingerprint)
+    latest = checkpoint.latest_complete_checkpoint(config.out)
+    return (str(latest) if latest is not None else None), False, saved
 
 
 def _announce_batch(config: PretrainConfig, global_batch: int, resume_meta: dict[str, Any] | None) -> None:
@@ -460,7 +442,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
             shutil.rmtree(config.out)
         config.out.mkdir(parents=True, exist_ok=True)
         if not config.resume:
-            write_json_atomic(config.out / CONFIG_FILE, run_config, indent=2, sort_keys=True)
+            write_json_atomic(config.out / CONFIG_FILE, run_config)
 
     distributed.main_first(create_out)
     resume_meta = json.loads((resume_from / checkpoint.META_FILE).read_text()) if resume_from else None

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -35,6 +32,7 @@ from tqdm import tqdm
 
 from bertforge.data.corpus import CorpusStats, expand_inputs, iter_documents
 from bertforge.errors import BertforgeError
+from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")   # same order as above
@@ -144,12 +142,8 @@ class Tokenizer:
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
                   "strip_accents": self.strip_accents, "tokenize_chinese_chars": self.tokenize_chinese_chars,
                   "model_max_length": MODEL_MAX_LENGTH, "clean_up_tokenization_spaces": False, **self.special_tokens}
-        _write_json(out / "tokenizer_config.json", config)
-        _write_json(out / "special_tokens_map.json", self.special_tokens)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(out / "tokenizer_config.json", config)
+        write_json(out / "special_tokens_map.json", self.special_tokens)
 
 
 def _read_json(path: Path) -> dict:
@@ -232,6 +226,10 @@ def is_tokenizer_dir(path: Path) -> bool:
     return (path / "vocab.txt").is_file() and (path / "tokenizer_config.json").is_file()
 
 
+TOKENIZER_FOLDER = OutKind(noun="a tokenizer", foreign="exists and is not a tokenizer folder",
+                           is_ours=is_tokenizer_dir)
+
+
 def _sentence_batches(paths: list[Path], fmt: str | None, stats: CorpusStats, show_progress: bool, desc: str,
                       batch_size: int = 1000) -> Iterator[list[str]]:
     """The corpus's sentences in batches (the trainer's input), with a per-file progress bar."""
@@ -285,7 +283,7 @@ def train_tokenizer(files: Iterable[str | Path], out_dir: str | Path, *, vocab_s
     if min_frequency < 1:
         raise BertforgeError(f"--min-frequency must be at least 1 (got {min_frequency})")
     out = Path(out_dir)
-    _check_output(out, overwrite)
+    check_out(out, TOKENIZER_FOLDER, overwrite=overwrite)
     paths = expand_inputs(files)
     stats = stats if stats is not None else CorpusStats()
 
@@ -309,33 +307,7 @@ def train_tokenizer(files: Iterable[str | Path], out_dir: str | Path, *, vocab_s
                                 trainer=trainer)
     trained = backend.get_vocab(with_added_tokens=True)
     tokenizer = Tokenizer(sorted(trained, key=trained.__getitem__), do_lower_case=not cased)
-    _save_atomically(tokenizer, out, overwrite)
+    with writing_dir(out, what="tokenizer folder", then="free space or fix the folder and train again") as tmp:
+        tokenizer.save(tmp)  # then published: an interrupted run leaves no half-written folder
+        check_out(out, TOKENIZER_FOLDER, overwrite=overwrite)  # the folder may have changed while we trained
     return tokenizer
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BertforgeError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_tokenizer_dir(out):
-            raise BertforgeError(f"--out {out} exists and is not a tokenizer folder; choose a new folder")
-        if not overwrite:
-            raise BertforgeError(f"--out {out} already holds a tokenizer; add --overwrite to replace it")
-
-
-def _save_atomically(tokenizer: Tokenizer, out: Path, overwrite: bool) -> None:
-    """Write into a temporary sibling folder, then rename: an interrupted run leaves no half-written folder."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        tokenizer.save(tmp)
-        if out.is_dir():
-            _check_output(out, overwrite)    # the folder may have changed while we trained
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

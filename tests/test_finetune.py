@@ -405,9 +405,8 @@ def test_a_record_from_before_a_setting_existed_counts_it_as_its_default(tmp_pat
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\ngood\t1\nbad\t0\n", encoding="utf-8")
     config = FinetuneConfig(task="classify", model="m", train=str(data), dev=str(data), out=str(tmp_path / "o"))
-    defaults = progress.setting_defaults(config)
     saved = progress.run_record(config)
     del saved["layer_lr_decay"]  # as written before --layer-lr-decay existed
-    assert progress._changed(saved, progress.run_record(config), defaults) is None
+    assert progress.describe_change(saved, progress.run_record(config), config) is None
     changed = dataclasses.replace(config, layer_lr_decay=0.8)
-    assert "layer_lr_decay was 1.0, now 0.8" in progress._changed(saved, progress.run_record(changed), defaults)
+    assert "layer_lr_decay was 1.0, now 0.8" in progress.describe_change(saved, progress.run_record(changed), changed)

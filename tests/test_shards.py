@@ -197,14 +197,14 @@ def test_failed_finalize_keeps_the_previous_data(tmp_path, monkeypatch):
     old = random_instances(rng, 6, 300)
     out = build_data(tmp_path / "DATA", {"train": old}, 300)
 
-    write_json = shards._write_json
+    write_json = shards.write_json
 
-    def disk_full(path, obj):  # the shards fit; the manifest, written last, does not
+    def disk_full(path, obj, **options):  # the shards fit; the manifest, written last, does not
         if path.name == "manifest.json":
             raise OSError(28, "No space left on device")
-        write_json(path, obj)
+        write_json(path, obj, **options)
 
-    monkeypatch.setattr(shards, "_write_json", disk_full)
+    monkeypatch.setattr(shards, "write_json", disk_full)
     with pytest.raises(OSError, match="No space"):
         build_data(out, {"train": random_instances(rng, 3, 300)}, 300, overwrite=True)
     monkeypatch.undo()

@@ -1,15 +1,19 @@
-"""`bertforge finetune {classify,ner,qa}` and `bertforge predict`: thin wrappers over `bertforge.finetune`."""
+"""`bertforge finetune {classify,ner,qa}` and `bertforge predict`: thin wrappers over `bertforge.finetune`.
+
+The finetune flags are `FinetuneConfig` fields; flags not typed stay unset, so the dataclass holds every default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
 
 from bertforge.errors import BertforgeError
 
-# The keys of bertforge.tasks.TASKS, spelled out so that building the CLI does not import torch.
+# The keys of bertforge.tasks.TASKS, spelled out so that importing this module does not import torch.
 TASK_NAMES = ("classify", "ner", "qa")
 
 
@@ -28,50 +32,55 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from bertforge.finetune import FinetuneConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     parser = subparsers.add_parser(
         "finetune", help="fine-tune a pre-trained model on classification, NER or extractive QA",
         description="Fine-tune a model (run folder, model folder or any Hugging Face BERT folder) on a labelled task; "
-                    "evaluates on --dev each epoch and exports the best epoch to OUT/model.")
+                    "evaluates on --dev each epoch and exports the best epoch to OUT/model.",
+        argument_default=argparse.SUPPRESS)
     parser.add_argument("task", choices=TASK_NAMES, help="classify | ner | qa")
     parser.add_argument("--model", required=True, help="run folder, model folder or Hugging Face BERT folder")
     parser.add_argument("--train", required=True, help="training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON; .gz ok)")
     parser.add_argument("--dev", required=True, help="dev file in the same format (scored every epoch)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--eval-batch-size", type=int, default=64)
-    parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-seq-len", type=int, default=None, help="default 128 (classify, ner) or 384 (qa)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--seeds", type=_int_list, default=None,
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--eval-batch-size", type=int)
+    parser.add_argument("--warmup-ratio", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--max-seq-len", type=int, help="default 128 (classify, ner) or 384 (qa)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seeds", type=_int_list,
                         help="several seeds, e.g. 1,2,3: metrics.json reports mean and *_std")
-    parser.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
+    parser.add_argument("--max-train-examples", type=int, help="use the first N training examples")
     parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
-    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="D",
+    parser.add_argument("--precision", help="fp32 | bf16 | fp16 (CUDA)")
+    parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--layer-lr-decay", type=float, metavar="D",
                         help="layer-wise learning-rate decay: the head trains at --lr, each encoder layer below at D "
                              "times the rate above it, the embeddings lowest (e.g. 0.8; default 1: one rate)")
-    parser.add_argument("--dropout", type=float, default=None, metavar="P",
+    parser.add_argument("--dropout", type=float, metavar="P",
                         help="hidden and attention dropout while fine-tuning (default: the model's config)")
-    parser.add_argument("--text-columns", type=_names, default=None,
+    parser.add_argument("--text-columns", type=_names,
                         help="classify: NAME or NAME1,NAME2 (default: detected from the header)")
-    parser.add_argument("--label-column", default=None, help="classify: label column (default: detected)")
+    parser.add_argument("--label-column", help="classify: label column (default: detected)")
     parser.add_argument("--regression", action="store_true", help="classify: real-valued target (Pearson/Spearman)")
     parser.add_argument("--no-header", action="store_true",
                         help="classify: TSV/CSV files without a header row; columns are numbered from 0 and by "
                              "default the text(s) come first, the label last (AFQMC/LCQMC-style TSV; for CoLA "
                              "add --text-columns 3 --label-column 1)")
-    parser.add_argument("--doc-stride", type=int, default=128, help="qa: tokens between window starts")
-    parser.add_argument("--max-query-len", type=int, default=64, help="qa: question tokens kept")
-    parser.add_argument("--max-answer-len", type=int, default=30, help="qa: longest answer in tokens")
-    parser.add_argument("--n-best", type=int, default=20, help="qa: start/end candidates per window")
-    parser.add_argument("--lang", choices=("en", "zh"), default=None,
+    parser.add_argument("--doc-stride", type=int, help="qa: tokens between window starts")
+    parser.add_argument("--max-query-len", type=int, help="qa: question tokens kept")
+    parser.add_argument("--max-answer-len", type=int, help="qa: longest answer in tokens")
+    parser.add_argument("--n-best", type=int, help="qa: start/end candidates per window")
+    parser.add_argument("--lang", choices=("en", "zh"),
                         help="qa: metrics language (en: SQuAD, zh: CMRC 2018); default: detected")
-    parser.add_argument("--save-every", type=int, default=500,
-                        help="steps between checkpoints (every epoch when epochs are shorter) (default: 500)")
+    parser.add_argument("--save-every", type=int,
+                        help="steps between checkpoints (every epoch when epochs are shorter) "
+                        f"(default: {defaults['save_every']})")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out (same command and files; finished seeds are "
                              "kept, the others continue from their newest checkpoint)")
@@ -99,18 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from bertforge.finetune import FinetuneConfig, finetune
 
-    config = FinetuneConfig(
-        task=args.task, model=args.model, train=args.train, dev=args.dev, out=args.out, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_seq_len=args.max_seq_len,
-        seed=args.seed, seeds=args.seeds, max_train_examples=args.max_train_examples,
-        length_bucketing=args.length_bucketing, precision=args.precision, device=args.device, dropout=args.dropout,
-        layer_lr_decay=args.layer_lr_decay,
-        text_columns=args.text_columns, label_column=args.label_column, regression=args.regression,
-        no_header=args.no_header,
-        doc_stride=args.doc_stride, max_query_len=args.max_query_len, max_answer_len=args.max_answer_len,
-        n_best=args.n_best, lang=args.lang, save_every=args.save_every, resume=args.resume,
-        overwrite=args.overwrite)
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")})
     summary = finetune(config)
     from bertforge import distributed
 

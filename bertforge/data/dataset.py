@@ -23,7 +23,7 @@ import torch
 from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
-from bertforge.files import sha256_file
+from bertforge.run_folder import sha256_file
 
 _REDO = "re-run `bertforge prepare` (with --overwrite)"
 

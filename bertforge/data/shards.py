@@ -29,15 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bertforge.errors import BertforgeError
-from bertforge.files import fsync_path, sha256_file
+from bertforge.run_folder import OutKind, check_out, publish_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
 KIND = "bertforge-data"
@@ -235,7 +232,7 @@ class ShardWriter:
                 self._close_shard()
             record = {"split": self.split, "vocab_size": self.vocab_size,
                       "token_dtype": token_dtype(self.vocab_size).name, "shards": self._shards}
-            _write_json(self.split_dir / _WRITER_RECORD, record)
+            write_json(self.split_dir / _WRITER_RECORD, record, indent=1, sort_keys=False)
             self._closed = True
         return [{**meta, "instances": shard["instances"], "shard": shard["name"], "field": field}
                 for shard in self._shards for field, meta in shard["files"].items()]
@@ -251,14 +248,6 @@ class ShardWriter:
                 handle.abort()
             self._files = None
             self._closed = True
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def manifest_checksum(manifest: dict) -> str:
@@ -283,18 +272,13 @@ def is_data_dir(path: str | Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("kind") == KIND
 
 
+DATA_FOLDER = OutKind(noun="prepared data", foreign="exists and is not a bertforge DATA folder",
+                      is_ours=lambda path: is_data_dir(path) and not path.is_symlink())
+
+
 def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
     """Raises BertforgeError unless `out_dir` may receive a DATA folder (call it before long work, too)."""
-    out = Path(out_dir)
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    if not is_data_dir(out) or out.is_symlink():
-        raise BertforgeError(f"{out} exists and is not a bertforge DATA folder; choose another --out "
-                             "(bertforge never overwrites it)")
-    if not overwrite:
-        raise BertforgeError(f"{out} already holds prepared data; pass --overwrite to replace it")
+    check_out(Path(out_dir), DATA_FOLDER, overwrite=overwrite)
 
 
 def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, *, overwrite: bool) -> None:
@@ -335,24 +319,10 @@ def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, 
     for path in records:
         path.unlink()
     others = [path for path in sorted(tmp.iterdir()) if path.is_file() and path.name != MANIFEST]
-    for path in others:  # the caller's copies (vocab.txt, ...) must be on disk before the manifest vouches for them
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
     full.update(storage={"vocab_size": vocab_size, "token_dtype": token_dtype(vocab_size).name},
                 splits=splits, shards=shards,
                 files=[{"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
                        for path in others])
     full["manifest_sha256"] = manifest_checksum(full)
-    for split_dir in {tmp / shard["split"] for shard in shards}:
-        fsync_path(split_dir)
-    _write_json(tmp / MANIFEST, full)
-    fsync_path(tmp)
-    if out.exists():  # an empty folder or a DATA folder with overwrite (check_out_dir allowed it)
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old)  # onto the empty folder just made: a unique name
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-        fsync_path(out.parent)
+    write_json(tmp / MANIFEST, full, indent=1, sort_keys=False)
+    publish_dir(tmp, out)

@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,17 @@ FLAGS = ["--model", "tiny", "--batch-size", "4", "--max-steps", str(STEPS), "--l
          "--dynamic-masking", "--warmup-steps", "2", "--log-every", "1", "--save-every", str(SAVE_EVERY),
          "--eval-every", str(EVAL_EVERY), "--keep-last", "2", "--device", "cpu"]
 PHASES = ("step", "eval", "save")
-SAVE_DELAY = "0.4"  # seconds each save sleeps between the weights and meta.json (the test-only hook)
+SAVE_DELAY = 0.4  # seconds each checkpoint save sleeps between its files and meta.json
+# `python -m bertforge ARGS` whose checkpoint saves sleep SAVE_DELAY s after writing optimizer.pt (torch.save has
+# no other caller in a run), so that a kill lands inside the write window reliably.
+SLOW_SAVE_CLI = ("import sys, time, torch\n"
+                 "from bertforge.cli import main\n"
+                 "save = torch.save\n"
+                 "def slow_save(*args, **kwargs):\n"
+                 "    save(*args, **kwargs)\n"
+                 f"    time.sleep({SAVE_DELAY})\n"
+                 "torch.save = slow_save\n"
+                 "raise SystemExit(main(sys.argv[1:]))\n")
 
 
 def _report(record: dict) -> None:
@@ -69,9 +80,8 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> boo
 
 def _kill_pretrain(run: Path, data: Path, phase: str, rng: random.Random) -> bool:
     """Starts `bertforge pretrain` and SIGKILLs it in `phase`; False if it finished before the kill point."""
-    process = subprocess.Popen(cli_command("pretrain", "--data", data, "--out", run, *FLAGS),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=cli_env(BERTFORGE_TEST_SAVE_DELAY=SAVE_DELAY))
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SAVE_CLI, "pretrain", "--data", str(data), "--out",
+                                str(run), *FLAGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     try:
         if phase == "step":
             target = rng.randint(1, STEPS - 1)
@@ -92,7 +102,7 @@ def _kill_pretrain(run: Path, data: Path, phase: str, rng: random.Random) -> boo
                 return bool(folders) and len(seen) > skip
 
             reached = _wait_for(writing, process)
-            time.sleep(rng.uniform(0, float(SAVE_DELAY)))
+            time.sleep(rng.uniform(0, SAVE_DELAY))
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
