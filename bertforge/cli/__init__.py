@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "bertforge.cli.pretrain",   # pretrain, evaluate
     "bertforge.cli.demo",       # demo
     "bertforge.cli.finetune",   # finetune, predict
+    "bertforge.cli.benchmark",  # benchmark
 )
 
 
