@@ -23,11 +23,14 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from bertforge import benchmark_report
 from bertforge.errors import BertforgeError
 from bertforge.files import sha256_file, write_json_atomic
+
+if TYPE_CHECKING:
+    from bertforge.finetune import FinetuneConfig
 
 try:
     import tomllib
@@ -124,6 +127,10 @@ def _value_of(value: Any, hint: Any, where: str) -> Any:
     """A TOML value as FinetuneConfig field type `hint` wants it (a tuple of names may be "a,b" or a list)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise BertforgeError(f"{where} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
         parts = value.split(",") if isinstance(value, str) else value
         if isinstance(parts, list) and parts and all(isinstance(p, str) and p.strip() for p in parts):
@@ -191,7 +198,9 @@ def read_tasks(path: str | Path) -> list[TaskSpec]:
     return specs
 
 
-def _finetune_config(spec: TaskSpec, model: Path, out: Path, seed: int, lr: float | None, *, resume: bool = False):
+def _finetune_config(spec: TaskSpec, model: Path, out: Path, seed: int, lr: float | None, *,
+                     resume: bool = False) -> FinetuneConfig:
+    """The `finetune` settings of one cell of `spec` (lr None: the task's own)."""
     from bertforge.finetune import FinetuneConfig
 
     options = dict(spec.options, **({"lr": lr} if lr is not None else {}))

@@ -39,7 +39,7 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
 
 def _spread(stats: dict[str, Any]) -> str:
     mean = f"{stats['mean']:.4f}"
-    return f"{mean} ± {stats['std']:.4f}" if stats["std"] is not None else f"{mean} (one seed)"
+    return f"{mean} ± {stats['std']:.4f}" if stats["std"] is not None else mean
 
 
 def _versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
