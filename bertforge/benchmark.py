@@ -267,7 +267,7 @@ def export_random_init(source: str | Path, target: Path, seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------------- DIR
 
-def _record(config: BenchmarkConfig, specs: list[TaskSpec]) -> dict[str, Any]:
+def record(config: BenchmarkConfig, specs: list[TaskSpec]) -> dict[str, Any]:
     """What defines the benchmark's cells: a re-run may add tasks, models or seeds, but change none."""
     tasks = {}
     for spec in specs:
@@ -389,7 +389,7 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     out = Path(config.out)
     specs = read_tasks(config.tasks)
     check_tasks(specs, config.lr_grid, check_models(config))
-    prepare_out(out, _record(config, specs), resume=config.resume)
+    prepare_out(out, record(config, specs), resume=config.resume)
     model_dirs = {name: Path(folder) for name, folder in config.models}
     if config.random_init is not None:
         name, source = config.random_init

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertforge.benchmark import BenchmarkConfig, run_benchmark
+from bertforge.benchmark import BenchmarkConfig, prepare_out, read_tasks, record, run_benchmark
 from bertforge.cli import main
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
@@ -273,3 +273,35 @@ def test_out_holding_another_benchmark_or_other_files_is_refused(inputs, tmp_pat
         run_benchmark(config)
     with pytest.raises(BertforgeError, match="holds no benchmark to resume"):
         run_benchmark(dataclasses.replace(config, out=str(tmp_path / "empty"), resume=True))
+
+
+def test_tasks_file_values_become_finetune_settings(inputs, tmp_path):
+    tasks = write_toml(inputs, tmp_path, f'[pairs]\n{SST}text_columns = "sentence, sentence"\nlr = 1\n'
+                                         f'[listed]\n{SST}text_columns = ["sentence"]\nlabel_column = "label"\n'
+                                         'test = "sst_dev.tsv"\n')
+    pairs, listed = read_tasks(tasks)
+    assert (pairs.name, pairs.family, pairs.train, pairs.test) == ("pairs", "classify", tmp_path / "sst_train.tsv",
+                                                                  None)
+    assert pairs.options == {"text_columns": ("sentence", "sentence"), "lr": 1.0}
+    assert isinstance(pairs.options["lr"], float)
+    assert listed.options == {"text_columns": ("sentence",), "label_column": "label"}
+    assert listed.test == tmp_path / "sst_dev.tsv"
+
+
+def test_rerun_with_a_changed_task_or_model_is_refused(inputs, tmp_path):
+    out = tmp_path / "bench"
+    config = BenchmarkConfig(tasks=str(inputs / "tasks.toml"), models=(("tiny", str(inputs / "tiny")),),
+                             seeds=(1,), out=str(out), show_progress=False)
+    specs = read_tasks(config.tasks)
+    prepare_out(out, record(config, specs), resume=False)
+    more_seeds = dataclasses.replace(config, seeds=(1, 2))
+    prepare_out(out, record(more_seeds, specs), resume=True)  # adding seeds continues the same benchmark
+    assert json.loads((out / "benchmark.json").read_text())["seeds"] == [1, 2]
+    changed = [dataclasses.replace(specs[0], options={"epochs": 2}), *specs[1:]]
+    with pytest.raises(BertforgeError, match="task 'sst' was defined otherwise"):
+        prepare_out(out, record(config, changed), resume=False)
+    other_model = dataclasses.replace(config, models=(("tiny", str(tmp_path)),))
+    with pytest.raises(BertforgeError, match="model 'tiny' was defined otherwise"):
+        prepare_out(out, record(other_model, specs), resume=False)
+    with pytest.raises(BertforgeError, match="--lr-grid"):
+        prepare_out(out, record(dataclasses.replace(config, lr_grid=(1e-3,)), specs), resume=False)
