@@ -2,7 +2,8 @@
 
     DIR/benchmark.json                      what the benchmark is (tasks with their files' sha256, models, lr grid):
                                             a re-run continues only the same benchmark
-    DIR/random_init/NAME/                   --random-init NAME=SRC: SRC's architecture and vocabulary, fresh weights
+    DIR/random_init/NAME/                   --random-init NAME=SRC: SRC's architecture and vocabulary, weights
+                                            drawn afresh (seed 0)
     DIR/cells/MODEL/TASK/lr_LR/seed_S/      one cell: an ordinary `finetune` run folder, plus test_predictions.*
                                             and cell.json (written last: the cell is finished)
     DIR/results.json  DIR/report.md  DIR/report.png   (bertforge.benchmark_report)
@@ -44,6 +45,8 @@ PREDICTION_SUFFIX = {"classify": ".tsv", "ner": ".conll", "qa": ".json"}
 # FinetuneConfig fields the benchmark sets itself, so a TASKS.toml table may not.
 SET_BY_BENCHMARK = ("task", "model", "out", "seed", "seeds", "resume", "overwrite")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The random-init baseline is one set of weights, as a pre-trained model is: the seeds vary fine-tuning only.
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,36 +279,37 @@ def record(config: BenchmarkConfig, specs: list[TaskSpec]) -> dict[str, Any]:
         tasks[spec.name] = {"family": spec.family, **files, **hashes, "options": spec.options}
     models = {name: str(Path(folder).resolve()) for name, folder in config.models}
     if config.random_init is not None:
-        models[config.random_init[0]] = f"random init of {Path(config.random_init[1]).resolve()}"
-    record = {"tasks": tasks, "models": models, "lr_grid": list(config.lr_grid) if config.lr_grid else None,
-              "seeds": list(config.seeds)}
-    return json.loads(json.dumps(record))  # tuples -> lists, as read back from disk
+        name, source = config.random_init
+        models[name] = f"random init (seed {RANDOM_INIT_SEED}) of {Path(source).resolve()}"
+    definition = {"tasks": tasks, "models": models, "lr_grid": list(config.lr_grid) if config.lr_grid else None,
+                  "seeds": list(config.seeds)}
+    return json.loads(json.dumps(definition))  # tuples -> lists, as read back from disk
 
 
-def prepare_out(out: Path, record: dict[str, Any], *, resume: bool) -> None:
-    """Refuses a DIR that holds something else or a benchmark with other settings; records this one."""
+def prepare_out(out: Path, definition: dict[str, Any], *, resume: bool) -> None:
+    """Refuses a DIR that holds something else or a benchmark defined otherwise (`record`); records this one."""
     saved_path = out / RECORD_FILE
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
         for section in ("tasks", "models"):
-            for name in set(saved[section]) & set(record[section]):
-                if saved[section][name] != record[section][name]:
+            for name in set(saved[section]) & set(definition[section]):
+                if saved[section][name] != definition[section][name]:
                     what = "task" if section == "tasks" else "model"
                     raise BertforgeError(f"{out} holds a benchmark whose {what} {name!r} was defined otherwise "
                                          f"({saved[section][name]}); use another --out")
-        if saved["lr_grid"] != record["lr_grid"]:
+        if saved["lr_grid"] != definition["lr_grid"]:
             raise BertforgeError(f"{out} holds a benchmark with --lr-grid {saved['lr_grid']}; use the same grid or "
                                  "another --out")
-        merged = {section: saved[section] | record[section] for section in ("tasks", "models")}
-        seeds = saved["seeds"] + [s for s in record["seeds"] if s not in saved["seeds"]]
-        record = dict(record, **merged, seeds=seeds)
+        merged = {section: saved[section] | definition[section] for section in ("tasks", "models")}
+        seeds = saved["seeds"] + [s for s in definition["seeds"] if s not in saved["seeds"]]
+        definition = dict(definition, **merged, seeds=seeds)
     elif resume:
         raise BertforgeError(f"{out} holds no benchmark to resume ({RECORD_FILE} missing); start it without "
                              "--resume")
     elif out.exists() and any(out.iterdir()):
         raise BertforgeError(f"{out} is not empty and holds no benchmark; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved_path, record)
+    write_json_atomic(saved_path, definition)
 
 
 # ------------------------------------------------------------------------------------------------- cells
@@ -335,7 +339,10 @@ def run_cell(out: Path, cell: Cell, spec: TaskSpec, model_dir: Path) -> dict[str
     if metrics is None or metrics.get("stopped_early"):
         # No metrics.json: fresh, or killed (finetune continues a killed run of the same command by itself);
         # stopped_early: stopped by a signal after exporting its best epoch so far, which --resume continues.
-        finetune(_finetune_config(spec, model_dir, run_dir, cell.seed, cell.lr, resume=metrics is not None))
+        try:
+            finetune(_finetune_config(spec, model_dir, run_dir, cell.seed, cell.lr, resume=metrics is not None))
+        except BertforgeError as exc:
+            raise BertforgeError(f"{run_dir}: {exc}") from None
         metrics = _read_json(run_dir / "metrics.json")
         if metrics is None or metrics.get("stopped_early"):
             return None
@@ -395,7 +402,7 @@ def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
         name, source = config.random_init
         model_dirs[name] = out / "random_init" / name
         if not (model_dirs[name] / "config.json").is_file():
-            export_random_init(source, model_dirs[name], config.seeds[0])
+            export_random_init(source, model_dirs[name], RANDOM_INIT_SEED)
     per_pair = len(config.seeds) + (len(config.lr_grid) - 1 if config.lr_grid else 0)
     total = per_pair * len(model_dirs) * len(specs)
     results: dict[Cell, dict[str, Any]] = {}
