@@ -16,6 +16,7 @@ benchmark continues cell by cell and a cell continues from its own checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -213,7 +214,7 @@ def _finetune_config(spec: TaskSpec, model: Path, out: Path, seed: int, lr: floa
 
 def check_tasks(specs: list[TaskSpec], lr_grid: tuple[float, ...] | None, max_positions: int) -> None:
     """Every option, column and label of every task, checked by reading its files as `finetune` will."""
-    from bertforge.tasks import TASKS
+    from bertforge.tasks import TASKS, TaskOptions
 
     for spec in specs:
         where = f"task [{spec.name}]"
@@ -221,7 +222,8 @@ def check_tasks(specs: list[TaskSpec], lr_grid: tuple[float, ...] | None, max_po
             raise BertforgeError(f"{where}: key 'lr' and --lr-grid both set the learning rate; drop one")
         try:
             config = _finetune_config(spec, Path("."), Path("."), 0, None)
-            task = TASKS[spec.family](config.task_options())
+            task = TASKS[spec.family](TaskOptions(**{f.name: getattr(config, f.name)
+                                                     for f in dataclasses.fields(TaskOptions)}))
             train = task.read(spec.train)
             task.fit_labels(train[:config.max_train_examples], spec.train)
             task.check_labels(task.read(spec.dev), spec.dev)
