@@ -181,7 +181,7 @@ def uninterrupted(inputs, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_interrupted_benchmark_continues_without_redoing_a_finished_cell(inputs, uninterrupted, tmp_path, signum):
     """SIGKILL (a crash) once the first cell has finished, or SIGINT (Ctrl-C: exit status 130) once the second one
     trains; running the same command again finishes the benchmark with the results of an uninterrupted run."""
