@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "bertforge.cli.demo",       # demo
     "bertforge.cli.finetune",   # finetune, predict
     "bertforge.cli.serve",      # serve
+    "bertforge.cli.benchmark",  # benchmark
 )
 
 
