@@ -36,6 +36,7 @@ from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
+from bertforge.packing import real_tokens
 from bertforge.precision import PRECISIONS, machine_record
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tasks.base import Evaluation, Feature, collate_features
@@ -280,7 +281,7 @@ def _train_one_seed(config: FinetuneConfig, task: Any, seed: int, train_features
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
-        return loss, {"tokens": batch["attention_mask"].sum().float()}
+        return loss, {"tokens": real_tokens(batch).float()}
 
     # A checkpoint every `save_every` steps, or at every epoch's end when epochs are shorter. A resumed run
     # replays from there, evaluations included (those after the checkpoint were dropped from `history` above).

@@ -12,6 +12,8 @@ Deviations from the reference, all numerically equivalent up to float rounding:
   them) with a boolean padding mask instead of the reference's additive -10000 mask; on the CPU in training with
   attention dropout, where SDPA would take its unfused math path anyway, that same path runs with dropout masks
   drawn 3x cheaper (`dropout.py`: the drop probability is rounded to a multiple of 2**-15);
+- packed input (`cu_seqlens`, `packing.py`): every token-wise layer runs on the batch's real tokens only, (N, H),
+  and attention runs within each sequence; the padded form stays for callers that have (B, T) tensors;
 - the word-embedding row of `[PAD]` is an ordinary trainable row (as in the reference; Hugging Face pins it);
 - `hidden_act="gelu"` is the exact erf GELU (the Hugging Face default); `"gelu_new"` is the tanh approximation
   the reference used.

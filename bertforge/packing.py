@@ -84,6 +84,11 @@ def unpad(x: Tensor, packed: PackedLayout) -> Tensor:
     return x.reshape(-1, *x.shape[2:]).index_select(0, packed.rows)
 
 
+def real_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """The number of real (non-padding) tokens of a packed or padded batch, a 0-d tensor on the batch's device."""
+    return batch["cu_seqlens"][-1].long() if "cu_seqlens" in batch else batch["attention_mask"].sum()
+
+
 def _use_varlen(q: Tensor, dropout_p: float, training: bool) -> bool:
     return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and (dropout_p == 0.0 or not training))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bertforge import packing
 from bertforge.config import ModelConfig
+from bertforge.data.dataset import collate_pretrain
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
-from bertforge.tasks.base import IGNORE_INDEX, Feature, collate_features, pack_features
+from bertforge.pretrain import count_targets, pretraining_loss
+from bertforge.tasks.base import IGNORE_INDEX, Feature, pack_features, pad_features
 
 MAX_POSITIONS = 40
 LENGTH_SETS = {
@@ -43,7 +46,7 @@ def features(lengths: list[int], label: str, seed: int = 0) -> list[Feature]:
 
 
 def padded_and_packed(model: torch.nn.Module, batch_features: list[Feature]):
-    padded, packed = collate_features(batch_features, pad_id=0), pack_features(batch_features)
+    padded, packed = pad_features(batch_features, pad_id=0), pack_features(batch_features)
     padded_out = model(padded["input_ids"], padded["token_type_ids"], padded["attention_mask"])
     packed_out = model(packed["input_ids"], packed["token_type_ids"], cu_seqlens=packed["cu_seqlens"])
     return padded, padded_out, packed_out
@@ -116,7 +119,7 @@ def test_pretraining_loss_matches_padded(lengths):
     torch.manual_seed(3)
     model = BertForPreTraining(config())
     batch = features(lengths, "class")
-    padded, packed = collate_features(batch, pad_id=0), pack_features(batch)
+    padded, packed = pad_features(batch, pad_id=0), pack_features(batch)
     generator = torch.Generator().manual_seed(4)
     positions = torch.stack([torch.randint(0, length, (3,), generator=generator) for length in lengths])  # (B, 3)
     labels = torch.randint(0, 97, positions.shape, generator=generator)
@@ -138,7 +141,7 @@ def test_pretraining_every_position_and_label_rows_when_packed():
     torch.manual_seed(5)
     model = BertForPreTraining(config()).eval()
     batch = features([4, 1, 6], "class")
-    padded, packed = collate_features(batch, pad_id=0), pack_features(batch)
+    padded, packed = pad_features(batch, pad_id=0), pack_features(batch)
     every = model(padded["input_ids"], padded["token_type_ids"], padded["attention_mask"]).mlm_logits  # (B, T, V)
     packed_every = model(packed["input_ids"], packed["token_type_ids"], cu_seqlens=packed["cu_seqlens"]).mlm_logits
     real = padded["attention_mask"].bool()
@@ -221,3 +224,34 @@ def test_dropout_masks_over_packed_tokens_repeat_with_the_seed():
 
     torch.testing.assert_close(run(0), run(0), rtol=0, atol=0)
     assert not torch.equal(run(0), run(1))
+
+
+def pretraining_items(lengths: list[int]) -> list[dict]:
+    generator = np.random.default_rng(7)
+    items = []
+    for index, length in enumerate(lengths):
+        masked = sorted(generator.choice(np.arange(1, length), size=min(3, length - 1), replace=False).tolist())
+        items.append({"input_ids": generator.integers(5, 97, length),
+                      "token_type_ids": (np.arange(length) > length // 2).astype(np.int64),
+                      "masked_lm_positions": np.array(masked, dtype=np.int64),
+                      "masked_lm_ids": generator.integers(5, 97, len(masked)), "next_sentence_label": index % 2})
+    return items
+
+
+def test_packed_pretraining_batches_give_the_padded_loss_and_gradients():
+    items = pretraining_items([12, 2, MAX_POSITIONS, 5])
+    padded, packed = collate_pretrain(items, pad_id=0), collate_pretrain(items, pad_id=0, packed=True)
+    real = padded["attention_mask"].bool()
+    assert packed["input_ids"].tolist() == padded["input_ids"][real].tolist()
+    assert packed["token_type_ids"].tolist() == padded["token_type_ids"][real].tolist()
+    assert packed["cu_seqlens"].tolist() == [0, 12, 14, 14 + MAX_POSITIONS, 19 + MAX_POSITIONS]
+    for name in ("masked_lm_positions", "masked_lm_labels", "next_sentence_label"):
+        assert torch.equal(packed[name], padded[name]), name
+    torch.manual_seed(8)
+    model = BertForPreTraining(config())
+    totals = {name: torch.tensor(value) for name, value in count_targets(padded).items()}
+    padded_loss, padded_stats = pretraining_loss(model, padded, totals)
+    packed_loss, packed_stats = pretraining_loss(model, packed, totals)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert int(packed_stats["tokens"]) == int(padded_stats["tokens"]) == 19 + MAX_POSITIONS
+    assert_same_gradients(model, padded_loss, packed_loss)

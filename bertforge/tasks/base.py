@@ -116,7 +116,13 @@ def encode_pieces(tokenizer: Any, texts: Sequence[str]) -> list[Any]:
     return tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
 
 
-def collate_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_features(features: Sequence[Feature], pad_id: int, *, packed: bool = True) -> dict[str, torch.Tensor]:
+    """A model batch: packed (`pack_features`, what fine-tuning and predict run: no compute on padding), or with
+    `packed=False` padded to its longest member (`pad_features`, the form other BERT implementations take)."""
+    return pack_features(features) if packed else pad_features(features, pad_id)
+
+
+def pad_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest member (dynamic padding).
 
     Returns input_ids, token_type_ids, attention_mask: (B, T) int64; `labels` as `collate_labels`.
