@@ -76,7 +76,7 @@ def layout(cu_seqlens: Tensor, max_seqlen: int | None = None) -> PackedLayout:
 def pad(x: Tensor, packed: PackedLayout, fill: float = 0.0) -> Tensor:
     """(N, ...) packed rows -> (B, T, ...) with `fill` at the padding."""
     grid = x.new_full((packed.batch_size * packed.max_seqlen, *x.shape[1:]), fill)
-    return grid.index_copy(0, packed.rows, x).view(packed.batch_size, packed.max_seqlen, *x.shape[1:])
+    return grid.index_copy_(0, packed.rows, x).view(packed.batch_size, packed.max_seqlen, *x.shape[1:])
 
 
 def unpad(x: Tensor, packed: PackedLayout) -> Tensor:
