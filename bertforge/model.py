@@ -211,7 +211,7 @@ class Bert(nn.Module):
             first_tokens = sequence_output[:, 0]  # (B, H)
         else:
             packed = layout(cu_seqlens, max_seqlen)
-            x = self.embeddings(input_ids, token_type_ids, packed.rows % packed.max_seqlen)
+            x = self.embeddings(input_ids, token_type_ids, packed.rows % packed.max_seqlen)  # positions restart
             sequence_output = self.encoder(x, packed)
             first_tokens = sequence_output.index_select(0, cu_seqlens[:-1].long())  # (B, H)
         pooled_output = self.pooler(first_tokens) if self.pooler is not None else None
