@@ -419,7 +419,7 @@ def check_torchrun(ctx: Context) -> str:
 
 # ---------------------------------------------------------------------------------------------- throughput
 
-def timed_blocks(impl: Any, batches: list[dict[str, torch.Tensor]], ctx: Context) -> tuple[float, float, int]:
+def timed_blocks(impl: Any, batches: list[Any], ctx: Context) -> tuple[float, float, int]:
     """(warm-up seconds, median seconds per timed block, peak memory bytes) of one implementation."""
     s = ctx.sizes
     warm, timed = batches[:s.bench_warmup], batches[s.bench_warmup:]
@@ -433,11 +433,12 @@ def timed_blocks(impl: Any, batches: list[dict[str, torch.Tensor]], ctx: Context
     return warmup, statistics.median(seconds for seconds, _ in blocks), max(peak for _, peak in blocks)
 
 
-def measure(ctx: Context, workload: str, makers: dict[str, Callable[[], Any]], batches: list[dict[str, torch.Tensor]],
-            config: ModelConfig, masked: bool, compile_models: bool) -> str:
-    """Tokens/s, MFU and peak memory of each implementation on `batches`; one row per workload."""
+def measure(ctx: Context, workload: str, makers: dict[str, Callable[[], Any]], inputs: dict[str, list[Any]],
+            padded: list[dict[str, torch.Tensor]], config: ModelConfig, masked: bool, compile_models: bool) -> str:
+    """Tokens/s, MFU and peak memory of each implementation on its `inputs` (the same instances in the form it
+    trains on: packed for bertforge, padded for transformers); token counts come from the `padded` form."""
     peak, source = peak_flops(ctx.device, ctx.sizes.precision)
-    timed = batches[ctx.sizes.bench_warmup:]
+    timed = padded[ctx.sizes.bench_warmup:]
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     sequences = sum(len(b["input_ids"]) for b in timed)
     per_seq = sum(int((b["masked_lm_labels"] != -100).sum()) for b in timed) / sequences if masked else 0.0
@@ -448,7 +449,7 @@ def measure(ctx: Context, workload: str, makers: dict[str, Callable[[], Any]], b
             impl = make()
             if compile_models:
                 impl.model = torch.compile(impl.model)
-            warmup, seconds, memory = timed_blocks(impl, batches, ctx)
+            warmup, seconds, memory = timed_blocks(impl, inputs[name], ctx)
         except Exception as exc:
             if name == "bertforge":
                 raise
@@ -474,14 +475,18 @@ def check_pretrain_throughput(ctx: Context, seq: int, batch_size: int, compile_m
     if compile_models and not ctx.sizes.compile:
         raise Skipped("not in --smoke: compiling takes longer than the rest of the smoke run on a small CPU")
     config = ModelConfig.preset(ctx.sizes.bench_model, vocab_size=pt.VOCAB_SIZE)
-    batches = pt.load_batches(ctx.bundle / f"data{seq}", batch_size, ctx.sizes.bench_warmup + ctx.sizes.bench_steps)
-    batches = [{**b, "hf_labels": pt.hf_labels(b)} for b in batches]
-    batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
+    count = ctx.sizes.bench_warmup + ctx.sizes.bench_steps
+    data = ctx.bundle / f"data{seq}"
+    padded = [{**b, "hf_labels": pt.hf_labels(b)} for b in pt.load_batches(data, batch_size, count)]
+    padded = [{k: v.to(ctx.device) for k, v in b.items()} for b in padded]
+    packed = [{k: v.to(ctx.device) for k, v in b.items()}  # as `bertforge pretrain` trains
+              for b in pt.load_batches(data, batch_size, count, packed=True)]
     precision = ctx.sizes.precision
     makers = {"bertforge": lambda: pt.Ours(config, ctx.device, precision),
               "transformers": lambda: pt.Transformers(config, ctx.device, precision)}
     workload = f"{ctx.sizes.bench_model} seq {seq} batch {batch_size} {precision}{' compile' * compile_models}"
-    return measure(ctx, workload, makers, batches, config, masked=True, compile_models=compile_models)
+    return measure(ctx, workload, makers, {"bertforge": packed, "transformers": padded}, padded, config, masked=True,
+                   compile_models=compile_models)
 
 
 def check_finetune_throughput(ctx: Context) -> str:
@@ -489,12 +494,13 @@ def check_finetune_throughput(ctx: Context) -> str:
     folder = ft.make_folder(s.bench_model, ctx.work / "finetune_bench", vocab=ctx.data)
     batches = ft.sst2_batches(folder, s.finetune_batch, s.bench_warmup + s.bench_steps,
                               train_file=ctx.bundle / "sst2" / "train.tsv")
-    batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
+    batches = [{form: {k: v.to(ctx.device) for k, v in b.items()} for form, b in both.items()} for both in batches]
     makers = {"bertforge": lambda: ft.Ours(folder, ctx.device, s.precision),
               "transformers": lambda: ft.Transformers(folder, ctx.device, s.precision)}
     config = ModelConfig.preset(s.bench_model, vocab_size=pt.VOCAB_SIZE)
-    return measure(ctx, f"{s.bench_model} fine-tuning SST-2 batch {s.finetune_batch} {s.precision}", makers, batches,
-                   config, masked=False, compile_models=False)
+    return measure(ctx, f"{s.bench_model} fine-tuning SST-2 batch {s.finetune_batch} {s.precision}", makers,
+                   {"bertforge": batches, "transformers": batches}, [b["padded"] for b in batches], config,
+                   masked=False, compile_models=False)
 
 
 # ---------------------------------------------------------------------------------------------- report

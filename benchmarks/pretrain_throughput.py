@@ -1,8 +1,9 @@
 """Pre-training throughput: bertforge's training step vs `transformers.BertForPreTraining`, side by side.
 
 For each model size, both implementations train on the same batches (real instances of a prepared DATA folder,
-padded to each batch's longest, seq <= 128, vocabulary 30,522) with the same optimizer (AdamW, no decay on biases
-and LayerNorm, clipping at 1.0, linear schedule). Ours runs exactly the step `bertforge pretrain` runs with its
+seq <= 128, vocabulary 30,522; packed for ours, as `bertforge pretrain` trains, and padded to each batch's longest
+for transformers) with the same optimizer (AdamW, no decay on biases and LayerNorm, clipping at 1.0, linear
+schedule). Ours runs exactly the step `bertforge pretrain` runs with its
 defaults (its loss function: MLM head at masked positions only; the loop's autocast); transformers runs its
 stock model with `attn_implementation="sdpa"` (its fastest attention on CPU), labels -100 at unmasked
 positions and its own loss. Timed runs alternate between the two (this machine's speed drifts 5-28% between
@@ -79,8 +80,9 @@ def build_data(work: Path) -> Path:
     return work / "data"
 
 
-def load_batches(data_dir: Path, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
-    """`count` batches of consecutive training instances, padded to each batch's longest."""
+def load_batches(data_dir: Path, batch_size: int, count: int, *, packed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of consecutive training instances, padded to each batch's longest (transformers) or packed
+    (ours: what `bertforge pretrain` trains on)."""
     from bertforge.data.dataset import PretrainData, collate_pretrain
 
     data = PretrainData(data_dir, verify="size")
@@ -89,8 +91,8 @@ def load_batches(data_dir: Path, batch_size: int, count: int) -> list[dict[str, 
     store = data.split("train")
     if len(store) < batch_size * count:
         raise SystemExit(f"{data_dir} holds {len(store)} training instances; {batch_size * count} needed")
-    return [collate_pretrain([store[i] for i in range(k * batch_size, (k + 1) * batch_size)], data.special_ids.pad)
-            for k in range(count)]
+    return [collate_pretrain([store[i] for i in range(k * batch_size, (k + 1) * batch_size)], data.special_ids.pad,
+                             packed=packed) for k in range(count)]
 
 
 def hf_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -253,7 +255,9 @@ def bench_model(name: str, args: argparse.Namespace, data_dir: Path, device: tor
     for batch in batches:
         batch["hf_labels"] = hf_labels(batch)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    warm, timed_batches = batches[:args.warmup], batches[args.warmup:]
+    packed = [{k: v.to(device) for k, v in batch.items()}
+              for batch in load_batches(data_dir, batch_size, args.warmup + args.steps, packed=True)]
+    timed_batches = batches[args.warmup:]
     tokens = sum(int(b["attention_mask"].sum()) for b in timed_batches)
     sequences = sum(len(b["input_ids"]) for b in timed_batches)
     masked = sum(int((b["masked_lm_labels"] != -100).sum()) for b in timed_batches)
@@ -266,22 +270,23 @@ def bench_model(name: str, args: argparse.Namespace, data_dir: Path, device: tor
           flush=True)
     if "bf16" in peaks and name == "base":
         impls["bertforge bf16"] = Ours(config, device, "bf16")
-    for impl in impls.values():
-        for batch in warm:
+    inputs = {key: packed if key.startswith("bertforge") else batches for key in impls}  # the same instances
+    for key, impl in impls.items():
+        for batch in inputs[key][:args.warmup]:
             impl.step(batch)
     times: dict[str, list[float]] = {key: [] for key in impls}
     memory: dict[str, int] = {key: 0 for key in impls}
     for run in range(args.runs):
         order = list(impls) if run % 2 == 0 else list(reversed(impls))  # alternate to cancel drift
         for key in order:
-            seconds, peak = timed(impls[key], timed_batches, device)
+            seconds, peak = timed(impls[key], inputs[key][args.warmup:], device)
             times[key].append(seconds)
             memory[key] = max(memory[key], peak)
             print(f"  {name} run {run + 1}/{args.runs} {key}: {tokens / seconds:,.0f} tokens/s", file=sys.stderr,
                   flush=True)
     if args.profile:
         print(f"--- {name}: top ops of our step (self CPU time) ---")
-        profile(impls["bertforge"], timed_batches)
+        profile(impls["bertforge"], inputs["bertforge"][args.warmup:])
     rows = []
     for key in impls:
         rate = tokens / statistics.median(times[key])

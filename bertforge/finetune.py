@@ -34,6 +34,7 @@ from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
+from bertforge.packing import real_tokens
 from bertforge.precision import PRECISIONS, machine_record
 from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
 from bertforge.tasks import TASKS, TaskOptions
@@ -214,7 +215,7 @@ def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepL
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
-        return loss, {"tokens": batch["attention_mask"].sum().float()}
+        return loss, {"tokens": real_tokens(batch).float()}
 
     # A checkpoint every `save_every` steps, or at every epoch's end when epochs are shorter; each holds the
     # evaluations so far, so a resumed run replays the evaluations after it.

@@ -16,6 +16,7 @@ from bertforge.config import ModelConfig
 from bertforge.dropout import Dropout
 from bertforge.errors import BertforgeError
 from bertforge.model import Bert, activation, init_weights
+from bertforge.packing import layout, pad
 
 IGNORE_INDEX = -100  # label value of positions that carry no MLM prediction
 
@@ -59,10 +60,15 @@ class PreTrainingOutput(NamedTuple):
     nsp_logits: Tensor  # (B, 2)
 
 
-def _flat_rows(batch: int, length: int, positions: Tensor) -> Tensor:
-    """Row indices b*T + position into a (B*T, H) view, for positions (B, P) -> (B, P)."""
-    offsets = torch.arange(batch, device=positions.device)[:, None] * length
-    return offsets + positions
+def _sequence_starts(sequence_output: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Row of each sequence's first token in `sequence_output` flattened to (rows, H): (B,) int64.
+
+    Padded (B, T, H): b * T; packed (N, H): cu_seqlens[b].
+    """
+    if cu_seqlens is not None:
+        return cu_seqlens[:-1].long()
+    batch, length = sequence_output.shape[:2]
+    return torch.arange(batch, device=sequence_output.device) * length
 
 
 class BertForPreTraining(nn.Module):
@@ -78,27 +84,29 @@ class BertForPreTraining(nn.Module):
             head.apply(lambda module: init_weights(module, config.initializer_range))
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                masked_lm_positions: Tensor | None = None, masked_lm_labels: Tensor | None = None) -> PreTrainingOutput:
-        """input_ids, token_type_ids, attention_mask (B, T) as for `Bert`.
+                masked_lm_positions: Tensor | None = None, masked_lm_labels: Tensor | None = None, *,
+                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> PreTrainingOutput:
+        """input_ids, token_type_ids, attention_mask (B, T) as for `Bert`, or packed (N,) with cu_seqlens.
 
         The MLM head runs only where a prediction is wanted (the vocabulary projection dominates the cost otherwise):
-        - positions (B, P) and labels (B, P): rows whose label != -100, row-major -> mlm_logits (M, V);
+        - positions (B, P) within each sequence and labels (B, P): rows whose label != -100, row-major
+          -> mlm_logits (M, V);
         - positions (B, P) only: every listed position -> (B, P, V);
-        - labels (B, T) only: positions whose label != -100 -> (M, V);
-        - neither: every position -> (B, T, V) (fill-mask, parity tests).
+        - labels (B, T), or (N,) packed, only: positions whose label != -100 -> (M, V);
+        - neither: every position -> (B, T, V) (fill-mask, parity tests), or (N, V) packed.
         nsp_logits: (B, 2).
         """
-        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        batch, length, hidden_size = sequence_output.shape
+        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask,
+                                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         word_embeddings = self.bert.embeddings.word_embeddings.weight
         if masked_lm_positions is None and masked_lm_labels is None:
             mlm_logits = self.mlm(sequence_output, word_embeddings)
         else:
-            flat = sequence_output.reshape(batch * length, hidden_size)  # (B*T, H)
+            flat = sequence_output.reshape(-1, sequence_output.shape[-1])  # (B*T, H) or (N, H)
             if masked_lm_positions is None:
-                rows = _flat_rows(batch, length, torch.arange(length, device=input_ids.device).expand(batch, -1))
+                rows = torch.arange(flat.shape[0], device=flat.device).view(masked_lm_labels.shape)
             else:
-                rows = _flat_rows(batch, length, masked_lm_positions)
+                rows = _sequence_starts(sequence_output, cu_seqlens)[:, None] + masked_lm_positions  # (B, P)
             if masked_lm_labels is not None:
                 rows = rows[masked_lm_labels != IGNORE_INDEX]  # (M,)
             mlm_logits = self.mlm(flat.index_select(0, rows.reshape(-1)), word_embeddings)
@@ -122,10 +130,11 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T) inputs -> logits (B, num_labels)."""
-        _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+        """(B, T) inputs, or packed (N,) with cu_seqlens (see `Bert`) -> logits (B, num_labels)."""
+        _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
+                                     max_seqlen=max_seqlen)
         return self.classifier(self.dropout(pooled_output))
 
 
@@ -141,11 +150,15 @@ class BertForTokenClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T) inputs -> logits (B, T, num_labels)."""
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.classifier(self.dropout(sequence_output))
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+        """(B, T) inputs -> logits (B, T, num_labels). Packed (N,) inputs with cu_seqlens (see `Bert`) give the same
+        (B, T, num_labels), T the longest sequence, zero at the padding: the classifier runs on the N real tokens
+        and only its few logits are padded, so labels and decoding keep their (B, T) layout."""
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
+                                       max_seqlen=max_seqlen)
+        logits = self.classifier(self.dropout(sequence_output))
+        return logits if cu_seqlens is None else pad(logits, layout(cu_seqlens, max_seqlen))
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -158,11 +171,19 @@ class BertForQuestionAnswering(nn.Module):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_weights(self.qa_outputs, config.initializer_range)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(B, T) inputs -> (start_logits (B, T), end_logits (B, T))."""
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        start_logits, end_logits = self.qa_outputs(sequence_output).unbind(dim=-1)
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
+        """(B, T) inputs -> (start_logits (B, T), end_logits (B, T)).
+
+        Packed (N,) inputs with cu_seqlens (see `Bert`) give the same (B, T) pair with the dtype's lowest value at
+        the padding, so no span can start or end there (the padded form leaves the padding's logits in the softmax).
+        """
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
+                                       max_seqlen=max_seqlen)
+        logits = self.qa_outputs(sequence_output)  # (B, T, 2) or (N, 2)
+        if cu_seqlens is not None:
+            logits = pad(logits, layout(cu_seqlens, max_seqlen), torch.finfo(logits.dtype).min)
+        start_logits, end_logits = logits.unbind(dim=-1)
         return start_logits, end_logits
 
 

@@ -12,6 +12,8 @@ Deviations from the reference, all numerically equivalent up to float rounding:
   them) with a boolean padding mask instead of the reference's additive -10000 mask; on the CPU in training with
   attention dropout, where SDPA would take its unfused math path anyway, that same path runs with dropout masks
   drawn 3x cheaper (`dropout.py`: the drop probability is rounded to a multiple of 2**-15);
+- packed input (`cu_seqlens`, `packing.py`): every token-wise layer runs on the batch's real tokens only, (N, H),
+  and attention runs within each sequence; the padded form stays for callers that have (B, T) tensors;
 - the word-embedding row of `[PAD]` is an ordinary trainable row (as in the reference; Hugging Face pins it);
 - `hidden_act="gelu"` is the exact erf GELU (the Hugging Face default); `"gelu_new"` is the tanh approximation
   the reference used.
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from bertforge.config import ModelConfig
 from bertforge.dropout import Dropout, attention
+from bertforge.packing import PackedLayout, layout, packed_attention
 
 
 def activation(name: str) -> nn.Module:
@@ -62,9 +65,10 @@ class Embeddings(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-        """(B, T) ids and segment ids -> (B, T, H)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,), broadcast over the batch
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """(B, T) ids and segment ids -> (B, T, H); or packed (N,) ids, segment ids and positions -> (N, H)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,), broadcast over the batch
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(positions)
         return self.dropout(self.layer_norm(x))
@@ -89,15 +93,18 @@ class SelfAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim)  # (B, T, heads, D) or (N, heads, D)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """x (B, T, H); mask (B, 1, 1, T) or (B, 1, T, T), True where attention is allowed, or None -> (B, T, H)."""
+    def forward(self, x: Tensor, mask: Tensor | PackedLayout | None) -> Tensor:
+        """x (B, T, H) with mask (B, 1, 1, T) or (B, 1, T, T), True where attention is allowed, or None;
+        or packed x (N, H) with its `PackedLayout` -> same shape as x."""
         q, k, v = self._split_heads(self.query(x)), self._split_heads(self.key(x)), self._split_heads(self.value(x))
-        context = attention(q, k, v, mask, self.attention_dropout, self.training)  # (B, heads, T, D)
-        context = context.transpose(1, 2).reshape(x.shape)  # (B, T, H)
-        return self.layer_norm(x + self.dropout(self.output(context)))
+        if isinstance(mask, PackedLayout):
+            context = packed_attention(q, k, v, mask, self.attention_dropout, self.training)  # (N, heads, D)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+            context = attention(q, k, v, mask, self.attention_dropout, self.training).transpose(1, 2)
+        return self.layer_norm(x + self.dropout(self.output(context.reshape(x.shape))))
 
 
 class FeedForward(nn.Module):
@@ -112,7 +119,7 @@ class FeedForward(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, T, H) -> (B, T, H)."""
+        """(..., H) -> (..., H): (B, T, H) padded or (N, H) packed."""
         return self.layer_norm(x + self.dropout(self.output(self.activation(self.intermediate(x)))))
 
 
@@ -124,8 +131,8 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, T, H) -> (B, T, H)."""
+    def forward(self, x: Tensor, mask: Tensor | PackedLayout | None) -> Tensor:
+        """(B, T, H) -> (B, T, H), or packed (N, H) -> (N, H)."""
         return self.feed_forward(self.attention(x, mask))
 
 
@@ -136,8 +143,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, T, H) -> (B, T, H)."""
+    def forward(self, x: Tensor, mask: Tensor | PackedLayout | None) -> Tensor:
+        """(B, T, H) -> (B, T, H), or packed (N, H) -> (N, H)."""
         for layer in self.layers:
             x = layer(x, mask)
         return x
@@ -150,9 +157,9 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, sequence_output: Tensor) -> Tensor:
-        """(B, T, H) -> (B, H)."""
-        return torch.tanh(self.dense(sequence_output[:, 0]))
+    def forward(self, first_tokens: Tensor) -> Tensor:
+        """(B, H) hidden states of each sequence's first token -> (B, H)."""
+        return torch.tanh(self.dense(first_tokens))
 
 
 def sdpa_mask(attention_mask: Tensor | None) -> Tensor | None:
@@ -185,16 +192,27 @@ class Bert(nn.Module):
         self.pooler = Pooler(config) if with_pooler else None
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """input_ids (B, T); token_type_ids (B, T), default all 0; attention_mask (B, T) 1 = token, 0 = padding
-        (or (B, T, T)), default all 1.
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Padded: input_ids (B, T); token_type_ids (B, T), default all 0; attention_mask (B, T) 1 = token,
+        0 = padding (or (B, T, T)), default all 1 -> (sequence_output (B, T, H), pooled_output (B, H)).
 
-        Returns (sequence_output (B, T, H), pooled_output (B, H), or None without a pooler).
+        Packed (`cu_seqlens` given, see `packing.py`): input_ids and token_type_ids (N,), the batch's real tokens
+        concatenated; cu_seqlens (B + 1,) int32; max_seqlen the longest length, read from cu_seqlens when not
+        given; no attention_mask -> (sequence_output (N, H), pooled_output (B, H)).
+
+        pooled_output is None without a pooler.
         """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
-        sequence_output = self.encoder(x, sdpa_mask(attention_mask))
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if cu_seqlens is None:
+            x = self.embeddings(input_ids, token_type_ids)
+            sequence_output = self.encoder(x, sdpa_mask(attention_mask))
+            first_tokens = sequence_output[:, 0]  # (B, H)
+        else:
+            packed = layout(cu_seqlens, max_seqlen)
+            x = self.embeddings(input_ids, token_type_ids, packed.rows % packed.max_seqlen)  # positions restart
+            sequence_output = self.encoder(x, packed)
+            first_tokens = sequence_output.index_select(0, cu_seqlens[:-1].long())  # (B, H)
+        pooled_output = self.pooler(first_tokens) if self.pooler is not None else None
         return sequence_output, pooled_output

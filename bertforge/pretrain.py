@@ -32,6 +32,7 @@ from bertforge.loop import LoopConfig, StepLoader, autocast_context, train
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
+from bertforge.packing import real_tokens
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
 from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, run_settings,
                                  write_json_atomic)
@@ -166,11 +167,11 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: d
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step loss: sum(MLM CE) / step masked + sum(NSP CE) / step sequences.
 
-    batch: collate_pretrain output (B, T) / (B, P) / (B,). Returns the loss and additive statistics.
+    batch: collate_pretrain output (B, T) / (B, P) / (B,), padded or packed. Returns the loss and additive statistics.
     """
     labels = batch["masked_lm_labels"]  # (B, P), -100 = padding
-    output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                   batch["masked_lm_positions"], labels)
+    output = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"),
+                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"))
     targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
     mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
     mlm_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
@@ -182,7 +183,7 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: d
                  "mlm_count": torch.tensor(targets.numel(), device=targets.device),
                  "nsp_correct": (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum(),
                  "nsp_count": torch.tensor(nsp_logits.shape[0], device=targets.device),
-                 "tokens": batch["attention_mask"].sum()}
+                 "tokens": real_tokens(batch)}
     return mlm_loss + nsp_loss, stats
 
 
@@ -206,10 +207,10 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # mlm CE, correct, count; nsp CE, correct, count
     for index in range(distributed.rank(), num_batches, distributed.world_size()):
         items = [store[i] for i in range(index * batch_size, min(len(store), (index + 1) * batch_size))]
-        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id, packed=True).items()}
         labels = batch["masked_lm_labels"]
-        output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                       batch["masked_lm_positions"], labels)
+        output = model(batch["input_ids"], batch["token_type_ids"], None, batch["masked_lm_positions"], labels,
+                       cu_seqlens=batch["cu_seqlens"])
         targets, nsp_labels = labels[labels != IGNORE_INDEX], batch["next_sentence_label"]
         mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()
         sums += torch.stack([F.cross_entropy(mlm_logits, targets, reduction="sum"),
@@ -421,8 +422,8 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
         print("bertforge: DATA has no validation split (prepared with --validation-fraction 0): training runs "
               "without evaluation", file=sys.stderr)
     pad_id = data.special_ids.pad
-    loader = StepLoader(dataset, lambda items: collate_pretrain(items, pad_id), batch_size=config.batch_size,
-                        grad_accum=config.grad_accum, seed=config.seed)
+    loader = StepLoader(dataset, lambda items: collate_pretrain(items, pad_id, packed=True),
+                        batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
     if saved is not None:  # a resumed run keeps its step count and schedule whatever the world size now
         steps, warmup = int(saved["total_steps"]), int(saved["warmup_steps"])
     else:

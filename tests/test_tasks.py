@@ -52,9 +52,13 @@ def test_sst2_reader_and_features(en_tokenizer):
     assert all(f.input_ids[0] == en_tokenizer.cls_id and f.input_ids[-1] == en_tokenizer.sep_id for f in features)
     assert max(len(f.input_ids) for f in features) == 16               # long ones truncated to the window
     assert set(sum((f.token_type_ids for f in features), [])) == {0}
-    batch = collate_features(features[:4], en_tokenizer.pad_id)      # dynamic padding: the batch's longest
+    batch = collate_features(features[:4], en_tokenizer.pad_id, packed=False)  # dynamic padding: the batch's longest
     assert batch["input_ids"].shape == (4, max(len(f.input_ids) for f in features[:4]))
     assert batch["attention_mask"].sum().item() == sum(len(f.input_ids) for f in features[:4])
+    packed = collate_features(features[:4], en_tokenizer.pad_id)      # the default: the real tokens only
+    assert packed["input_ids"].tolist() == batch["input_ids"][batch["attention_mask"].bool()].tolist()
+    lengths = [len(f.input_ids) for f in features[:4]]
+    assert packed["cu_seqlens"].tolist() == [0, *(sum(lengths[:i + 1]) for i in range(4))]
 
 
 def test_mrpc_bom_and_column_names(en_tokenizer):

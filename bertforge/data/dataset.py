@@ -277,29 +277,54 @@ class PretrainDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_pretrain(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pads a list of instances to the batch's longest (not max_seq_len).
+def collate_pretrain(items: list[dict], pad_id: int = 0, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Pads a list of instances to the batch's longest (not max_seq_len), or packs them (`bertforge.packing`).
 
     Returns int64 tensors: input_ids (B, T) padded with `pad_id`; token_type_ids (B, T) and attention_mask (B, T)
     padded with 0; masked_lm_positions (B, P) padded with 0 and masked_lm_labels (B, P) padded with -100,
     P = the most masks in the batch (at least 1); next_sentence_label (B,).
+    Packed: input_ids and token_type_ids (N,), the instances' tokens concatenated, and cu_seqlens (B + 1,) int32
+    in place of attention_mask; the masked positions stay within each instance.
     """
+    if packed:
+        return _pack_pretrain(items)
     batch = len(items)
     length = max(len(item["input_ids"]) for item in items)
-    predictions = max(1, max(len(item["masked_lm_positions"]) for item in items))
     input_ids = np.full((batch, length), pad_id, dtype=np.int64)
     token_type_ids = np.zeros((batch, length), dtype=np.int64)
     attention_mask = np.zeros((batch, length), dtype=np.int64)
-    positions = np.zeros((batch, predictions), dtype=np.int64)
-    labels = np.full((batch, predictions), -100, dtype=np.int64)
     for b, item in enumerate(items):
-        n, p = len(item["input_ids"]), len(item["masked_lm_positions"])
+        n = len(item["input_ids"])
         input_ids[b, :n] = item["input_ids"]
         token_type_ids[b, :n] = item["token_type_ids"]
         attention_mask[b, :n] = 1
-        positions[b, :p] = item["masked_lm_positions"]
-        labels[b, :p] = item["masked_lm_ids"]
+    positions, labels = _masked_lm_targets(items)
     nsp = np.array([item["next_sentence_label"] for item in items], dtype=np.int64)
     return {name: torch.from_numpy(array) for name, array in (
         ("input_ids", input_ids), ("token_type_ids", token_type_ids), ("attention_mask", attention_mask),
         ("masked_lm_positions", positions), ("masked_lm_labels", labels), ("next_sentence_label", nsp))}
+
+
+def _masked_lm_targets(items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """masked_lm_positions (B, P) padded with 0 and masked_lm_labels (B, P) padded with -100, P >= 1."""
+    predictions = max(1, max(len(item["masked_lm_positions"]) for item in items))
+    positions = np.zeros((len(items), predictions), dtype=np.int64)
+    labels = np.full((len(items), predictions), -100, dtype=np.int64)
+    for b, item in enumerate(items):
+        p = len(item["masked_lm_positions"])
+        positions[b, :p] = item["masked_lm_positions"]
+        labels[b, :p] = item["masked_lm_ids"]
+    return positions, labels
+
+
+def _pack_pretrain(items: list[dict]) -> dict[str, torch.Tensor]:
+    lengths = np.array([len(item["input_ids"]) for item in items], dtype=np.int64)
+    cu_seqlens = np.zeros(len(items) + 1, dtype=np.int32)
+    cu_seqlens[1:] = lengths.cumsum()
+    positions, labels = _masked_lm_targets(items)
+    nsp = np.array([item["next_sentence_label"] for item in items], dtype=np.int64)
+    return {name: torch.from_numpy(array) for name, array in (
+        ("input_ids", np.concatenate([item["input_ids"] for item in items]).astype(np.int64)),
+        ("token_type_ids", np.concatenate([item["token_type_ids"] for item in items]).astype(np.int64)),
+        ("cu_seqlens", cu_seqlens), ("masked_lm_positions", positions), ("masked_lm_labels", labels),
+        ("next_sentence_label", nsp))}

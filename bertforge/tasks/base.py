@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from bertforge.errors import BertforgeError
+from bertforge.packing import lengths_to_cu_seqlens
 
 log = logging.getLogger("bertforge.finetune")
 
@@ -115,11 +116,16 @@ def encode_pieces(tokenizer: Any, texts: Sequence[str]) -> list[Any]:
     return tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
 
 
-def collate_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_features(features: Sequence[Feature], pad_id: int, *, packed: bool = True) -> dict[str, torch.Tensor]:
+    """A model batch: packed (`pack_features`, what fine-tuning and predict run: no compute on padding), or with
+    `packed=False` padded to its longest member (`pad_features`, the form other BERT implementations take)."""
+    return pack_features(features) if packed else pad_features(features, pad_id)
+
+
+def pad_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest member (dynamic padding).
 
-    Returns input_ids, token_type_ids, attention_mask: (B, T) int64; `labels` (B,) int64 / float32 for
-    sequence targets, (B, T) int64 padded with IGNORE_INDEX for per-token targets, or (B, 2) int64 start/end.
+    Returns input_ids, token_type_ids, attention_mask: (B, T) int64; `labels` as `collate_labels`.
     """
     longest = max(len(f.input_ids) for f in features)
     batch_size = len(features)
@@ -132,19 +138,36 @@ def collate_features(features: Sequence[Feature], pad_id: int) -> dict[str, torc
         token_type_ids[row, :length] = torch.tensor(feature.token_type_ids)
         attention_mask[row, :length] = 1
     batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+    return batch | collate_labels(features)
+
+
+def pack_features(features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+    """A packed batch (`bertforge.packing`): the features' tokens concatenated, no padding anywhere in the inputs.
+
+    Returns input_ids, token_type_ids (N,) int64, N = the batch's tokens; cu_seqlens (B + 1,) int32;
+    `labels` as `collate_labels` (per-token labels keep their (B, T) layout: the token heads answer in it).
+    """
+    batch = {"input_ids": torch.tensor([i for f in features for i in f.input_ids], dtype=torch.int64),
+             "token_type_ids": torch.tensor([i for f in features for i in f.token_type_ids], dtype=torch.int64),
+             "cu_seqlens": lengths_to_cu_seqlens([len(f.input_ids) for f in features])}
+    return batch | collate_labels(features)
+
+
+def collate_labels(features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+    """{"labels": ...}, or {} for unlabelled features: (B,) int64 / float32 for sequence targets, (B, T) int64
+    padded with IGNORE_INDEX for per-token targets (T = the longest feature), or (B, 2) int64 start/end."""
     first = features[0].label
     if first is None:
-        return batch
+        return {}
     if isinstance(first, list):
-        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.int64)
+        longest = max(len(f.input_ids) for f in features)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.int64)
         for row, feature in enumerate(features):
             labels[row, :len(feature.label)] = torch.tensor(feature.label)
-        batch["labels"] = labels
-    elif isinstance(first, float):
-        batch["labels"] = torch.tensor([f.label for f in features], dtype=torch.float32)
-    else:
-        batch["labels"] = torch.tensor([f.label for f in features], dtype=torch.int64)
-    return batch
+        return {"labels": labels}
+    if isinstance(first, float):
+        return {"labels": torch.tensor([f.label for f in features], dtype=torch.float32)}
+    return {"labels": torch.tensor([f.label for f in features], dtype=torch.int64)}
 
 
 def sorted_labels(labels: set[str]) -> list[str]:

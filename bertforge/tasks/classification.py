@@ -214,7 +214,7 @@ class ClassificationTask:
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> float:
         """What the loss averages over: examples."""
-        return float(batch["input_ids"].shape[0])
+        return float(batch["labels"].shape[0])
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """logits (B, num_labels); labels (B,) class ids, or float targets with --regression (MSE)."""

@@ -174,7 +174,7 @@ class QATask:
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> float:
         """What the loss averages over: windows."""
-        return float(batch["input_ids"].shape[0])
+        return float(batch["labels"].shape[0])
 
     def loss(self, logits: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """logits: (B, T, 2) or the pair (start (B, T), end (B, T)); labels (B, 2) token positions; mean of the two cross-entropies."""

@@ -1,0 +1,114 @@
+"""Packed (unpadded) batches: the real tokens of a batch concatenated, and attention that keeps sequences apart.
+
+A packed batch holds `input_ids` and `token_type_ids` as (N,) with N = the batch's real tokens, and
+`cu_seqlens` (B + 1,) int32, the cumulative sequence lengths: sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1].
+Every token-wise layer (embeddings, the Q/K/V and output projections, the feed-forward block, LayerNorm, the heads)
+then runs on (N, H) and spends nothing on padding; a random SST-2 batch of 32 holds about 3.3 padded positions per
+real token (MosaicBERT's `bert_padding.py` and ModernBERT do the same).
+
+Only attention needs to know where one sequence ends:
+- on CUDA in half precision without attention dropout: `torch.nn.attention.varlen.varlen_attn` (flash attention
+  over the packed rows; no padding exists at all). It has no dropout and no float32 kernel, so training with
+  attention dropout or float32 takes the next path;
+- elsewhere (the CPU, always): q, k and v are scattered into a (B, heads, T, D) grid around the attention op alone
+  and the output gathered back, with a key-padding mask; see `PackedLayout`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from bertforge.dropout import attention
+
+try:  # torch >= 2.10 (guarded: an older torch keeps the padded-grid path everywhere)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - torch 2.13 is pinned
+    varlen_attn = None
+
+
+class PackedLayout(NamedTuple):
+    """Where the packed rows of a batch sit, computed once per forward pass and shared by every layer.
+
+    cu_seqlens (B + 1,) int32; max_seqlen T; rows (N,) int64: row b * T + t of the padded grid for each packed
+    token; key_mask (B, 1, 1, T) bool, True at real keys (the SDPA mask of the grid).
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    rows: Tensor
+    key_mask: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+
+def lengths_to_cu_seqlens(lengths: Sequence[int]) -> Tensor:
+    """Sequence lengths (B,) -> cumulative lengths (B + 1,) int32, starting at 0."""
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
+    return cu_seqlens
+
+
+def positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Position of each packed token within its own sequence, (N,) int64: 0, 1, ..., restarting per sequence."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
+def layout(cu_seqlens: Tensor, max_seqlen: int | None = None) -> PackedLayout:
+    """The `PackedLayout` of a batch; `max_seqlen` (the longest sequence) is read from cu_seqlens when not given."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+    if max_seqlen is None:
+        max_seqlen = int(lengths.max())
+    total = int(cu_seqlens[-1])
+    batch = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                    output_size=total)  # (N,) sequence index of each token
+    rows = batch * max_seqlen + positions(cu_seqlens, total)
+    key_mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]  # (B, T)
+    return PackedLayout(cu_seqlens, max_seqlen, rows, key_mask[:, None, None, :])
+
+
+def pad(x: Tensor, packed: PackedLayout, fill: float = 0.0) -> Tensor:
+    """(N, ...) packed rows -> (B, T, ...) with `fill` at the padding."""
+    grid = x.new_full((packed.batch_size * packed.max_seqlen, *x.shape[1:]), fill)
+    return grid.index_copy_(0, packed.rows, x).view(packed.batch_size, packed.max_seqlen, *x.shape[1:])
+
+
+def unpad(x: Tensor, packed: PackedLayout) -> Tensor:
+    """(B, T, ...) -> (N, ...): the rows of the real tokens, in packed order."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, packed.rows)
+
+
+def real_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """The number of real (non-padding) tokens of a packed or padded batch, a 0-d tensor on the batch's device."""
+    return batch["cu_seqlens"][-1].long() if "cu_seqlens" in batch else batch["attention_mask"].sum()
+
+
+def _use_varlen(q: Tensor, dropout_p: float, training: bool) -> bool:
+    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and (dropout_p == 0.0 or not training))
+
+
+def padded_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedLayout, dropout_p: float,
+                     training: bool) -> Tensor:
+    """Per-sequence attention by padding around the op: (N, heads, D) x3 -> (N, heads, D).
+
+    The reference the varlen kernel must match, and the CPU path: the projections stay unpadded, and the grid
+    costs two copies of q/k/v/context against attention over B * T^2 scores (which padding enlarges anyway).
+    """
+    grids = [pad(t, packed).transpose(1, 2) for t in (q, k, v)]  # (B, heads, T, D) each
+    context = attention(*grids, packed.key_mask, dropout_p, training)  # (B, heads, T, D)
+    return unpad(context.transpose(1, 2), packed)
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedLayout, dropout_p: float,
+                     training: bool) -> Tensor:
+    """Self-attention within each packed sequence: q, k, v (N, heads, D) -> (N, heads, D)."""
+    if _use_varlen(q, dropout_p, training):
+        return varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
+    return padded_attention(q, k, v, packed, dropout_p, training)
