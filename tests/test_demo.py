@@ -10,7 +10,8 @@ import torch
 from bertforge.cli import main
 from bertforge.config import ModelConfig
 from bertforge.data.shards import finalize_data_dir
-from bertforge.demo import MARKER, fill_mask, next_sentence_probability, validation_baselines
+from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, next_sentence_probability,
+                            validation_baselines)
 from bertforge.heads import BertForPreTraining
 from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 from training_data import Instance, write_split
@@ -111,6 +112,11 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
                   if '"validation"' in line][-1]
     baselines = validation_baselines(out / "data")
     assert baselines.instances > 50
+    # The recipe: short sequences with a high masking rate, redrawn per epoch, over the demo's own vocabulary.
+    options = json.loads((out / "data" / "manifest.json").read_text())["options"]
+    assert options["max_seq_len"] == MAX_SEQ_LEN and options["masked_lm_prob"] == MASKED_LM_PROB
+    assert json.loads((run / "config.json").read_text())["pretrain"]["dynamic_masking"] is True
+    assert len((out / "tokenizer" / "vocab.txt").read_text().splitlines()) <= VOCAB_SIZE
     mlm_row = next(line for line in report.splitlines() if line.strip().startswith("MLM accuracy"))
     nsp_row = next(line for line in report.splitlines() if line.strip().startswith("NSP accuracy"))
     assert f"{evaluation['mlm_accuracy']:.1%}" in mlm_row and f"{baselines.mlm_unigram:.1%}" in mlm_row
