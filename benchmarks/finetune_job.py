@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune_throughput import DATA, make_folder  # the script's folder is on sys.path when it runs
+# The script's folder is on sys.path when it runs, as for the other benchmarks.
+from finetune_throughput import DATA, make_folder
 
 SST2 = DATA / "glue" / "SST-2"
 TRAIN_ROWS = 3200
