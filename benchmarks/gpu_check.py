@@ -351,12 +351,18 @@ def check_resume(ctx: Context) -> str:
     return figures
 
 
-def check_export(ctx: Context) -> str:
-    import transformers
-
+def trained_model(ctx: Context) -> Path:
+    """The model the fp32 correctness run exported (the export and fine-tuning checks start from it)."""
     model_dir = ctx.work / "pretrain_fp32" / "model"
     if not model_dir.is_dir():
         raise CheckFailed("needs the pretrain_fp32 run's exported model")
+    return model_dir
+
+
+def check_export(ctx: Context) -> str:
+    import transformers
+
+    model_dir = trained_model(ctx)
     data = PretrainData(ctx.data, verify="size")
     store = data.split("validation")
     batch = collate_pretrain([store[i] for i in range(min(8, len(store)))], data.special_ids.pad)
@@ -377,9 +383,7 @@ def check_export(ctx: Context) -> str:
 
 
 def check_finetune(ctx: Context) -> str:
-    model_dir = ctx.work / "pretrain_fp32" / "model"
-    if not model_dir.is_dir():
-        raise CheckFailed("needs the pretrain_fp32 run's exported model")
+    model_dir = trained_model(ctx)
     dev = ctx.bundle / "sst2" / "dev.tsv"
     with open(dev, encoding="utf-8", newline="") as handle:
         labels = [row["label"] for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]

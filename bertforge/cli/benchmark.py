@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from bertforge.cli.finetune import int_list
+
 
 def _named_folder(text: str) -> tuple[str, str]:
     name, sep, folder = text.partition("=")
     if not sep or not name.strip() or not folder.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, e.g. pretrained=runs/mini/model, got {text!r}")
     return name.strip(), folder.strip()
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -42,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                  "repeat for several")
     parser.add_argument("--random-init", type=_named_folder, default=None, metavar="NAME=DIR",
                         help="baseline: DIR's architecture and vocabulary with freshly initialised weights")
-    parser.add_argument("--seeds", required=True, type=_seeds, help="fine-tuning seeds, e.g. 1,2,3")
+    parser.add_argument("--seeds", required=True, type=int_list, help="fine-tuning seeds, e.g. 1,2,3")
     parser.add_argument("--out", required=True, help="benchmark folder (created, or continued)")
     parser.add_argument("--lr-grid", type=_rates, default=None, metavar="LR,LR,...",
                         help="learning rates to try per model and task with the first seed; the best on dev is "

@@ -17,7 +17,8 @@ from bertforge.errors import BertforgeError
 TASK_NAMES = ("classify", "ner", "qa")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3), for --seeds here and in `bertforge benchmark`."""
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--max-seq-len", type=int, help="default 128 (classify, ner) or 384 (qa)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--seeds", type=_int_list,
+    parser.add_argument("--seeds", type=int_list,
                         help="several seeds, e.g. 1,2,3: metrics.json reports mean and *_std")
     parser.add_argument("--max-train-examples", type=int, help="use the first N training examples")
     parser.add_argument("--length-bucketing", action="store_true", help="batch examples of similar length")
