@@ -13,14 +13,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 
-from bertforge.config import ModelConfig
 from bertforge.finetune import FinetuneConfig, finetune
-from bertforge.heads import BertForPreTraining
-from bertforge.hf import export_hf
 from bertforge.pretrain import PretrainConfig, pretrain
-from bertforge.tokenizer import load_tokenizer
 from training_data import build_data
 
 WORDS = ("the a an is was to of in on and at man woman went store shop bought gallon milk bread he she it they "
@@ -44,15 +39,6 @@ def write_vocab(folder: Path) -> Path:
     path = folder / "vocab.txt"
     path.write_text("\n".join(SPECIALS + WORDS + list(CHARACTERS)) + "\n", encoding="utf-8")
     return path
-
-
-def make_pretrained(folder: Path, vocab: Path, **overrides) -> Path:
-    """A tiny, randomly initialised BertForPreTraining exported as a Hugging Face folder."""
-    tokenizer = load_tokenizer(vocab)
-    torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=len(tokenizer.vocab), **overrides)
-    export_hf(BertForPreTraining(config), tokenizer, folder)
-    return folder
 
 
 def _finetune(task: str, model: Path, train: Path, out: Path, epochs: int = 1) -> Path:

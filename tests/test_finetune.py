@@ -15,33 +15,23 @@ import pytest
 import torch
 
 from bertforge.cli import main
-from bertforge.config import ModelConfig
 from bertforge.finetune import FinetuneConfig, finetune, load_task_model, predict
-from bertforge.heads import BertForPreTraining
-from bertforge.hf import export_hf
 from bertforge.monitor import read_metrics
 from bertforge.tasks import TASKS, TaskOptions
 from bertforge.tokenizer import load_tokenizer
+from training_data import make_pretrained
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
 transformers = pytest.importorskip("transformers")
 
 
-def make_model(folder: Path, vocab: Path, **overrides) -> Path:
-    tokenizer = load_tokenizer(vocab)
-    torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=len(tokenizer.vocab), **overrides)
-    export_hf(BertForPreTraining(config), tokenizer, folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"en": make_model(root / "tiny_en", DATA / "reference" / "en_vocab_8k.txt"),
-            "zh": make_model(root / "tiny_zh", DATA / "reference" / "zh_vocab_6k.txt"),
-            "short": make_model(root / "short_en", DATA / "reference" / "en_vocab_8k.txt",
+    return {"en": make_pretrained(root / "tiny_en", DATA / "reference" / "en_vocab_8k.txt"),
+            "zh": make_pretrained(root / "tiny_zh", DATA / "reference" / "zh_vocab_6k.txt"),
+            "short": make_pretrained(root / "short_en", DATA / "reference" / "en_vocab_8k.txt",
                                 max_position_embeddings=64)}
 
 

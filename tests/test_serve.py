@@ -23,7 +23,8 @@ from bertforge.finetune import predict
 from bertforge.monitor import read_metrics
 from bertforge.serve import load_table, make_server
 from bertforge.serve.inference import LIMITS, attention_probabilities
-from serve_data import call, make_classifier, make_pretrained, make_reader, make_run, make_tagger, ok, write_vocab
+from serve_data import call, make_classifier, make_reader, make_run, make_tagger, ok, write_vocab
+from training_data import make_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import torch
 from bertforge.monitor import read_metrics
 from bertforge.serve import load_table, make_server
 from browser import CHROMIUM, Chromium
-from serve_data import make_classifier, make_pretrained, make_run, make_tagger, ok, write_vocab
+from serve_data import make_classifier, make_run, make_tagger, ok, write_vocab
+from training_data import make_pretrained
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
                                                           "the browser test needs it")

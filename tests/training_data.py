@@ -14,8 +14,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
+from bertforge.config import ModelConfig
 from bertforge.data.shards import ShardWriter, finalize_data_dir
+from bertforge.heads import BertForPreTraining
+from bertforge.hf import export_hf
 from bertforge.tokenizer import load_tokenizer
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -94,3 +98,12 @@ def build_data(out: Path, *, vocab_size: int = 64, train: int = 8, validation: i
                 "options": {"max_seq_len": length, "max_predictions": masks, "masked_lm_prob": 0.15}}
     finalize_data_dir(tmp, out, manifest, overwrite=False)
     return out
+
+
+def make_pretrained(folder: Path, vocab: Path, **overrides) -> Path:
+    """A tiny, randomly initialised BertForPreTraining exported as a Hugging Face folder."""
+    tokenizer = load_tokenizer(vocab)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=len(tokenizer.vocab), **overrides)
+    export_hf(BertForPreTraining(config), tokenizer, folder)
+    return folder
