@@ -25,9 +25,10 @@ at a time (default 2), in dependency order.
 
 Resumable across sessions: the heavy files live in `--work` (default benchmarks/.cache/domain_adaptation, not
 committed); what each finished job measured goes to `--record` (default benchmarks/results/domain_adaptation,
-committed): one job_*.json per model built, one bench_*.json per benchmarked model (that model's cells), and the reports (report_en.md,
-report_zh.md, report_en.png, report_zh.png). A re-run skips every benchmarked model in the record and rebuilds only
-the models still needed; an interrupted job continues from its checkpoints when its work folder survived.
+committed): one job_*.json per model built, one bench_*.json per benchmarked model (that model's cells), the reports
+(report_en.md/.png/.json, report_zh.md/.png/.json) and summary.md (the models and the CPU time spent). A re-run
+skips every benchmarked model in the record and rebuilds only the models still needed; an interrupted job
+continues from its checkpoints when its work folder survived.
 
     python benchmarks/domain_adaptation.py                 # everything (resumes)
     python benchmarks/domain_adaptation.py --quick --work /tmp/da --record /tmp/da_record   # tiny smoke run
@@ -381,8 +382,9 @@ def run_job_here(name: str, work: Path, budget: Budget, record: Record) -> None:
     import torch
 
     torch.set_num_threads(1)
+    started = time.monotonic()
     result = BY_NAME[name].run(work, budget, record.jobs)
-    record.save_job(name, result)
+    record.save_job(name, {**result, "job_minutes": round((time.monotonic() - started) / 60, 1)})
 
 
 def schedule(jobs: list[Job], work: Path, budget: Budget, record_dir: Path, parallel: int,
@@ -433,6 +435,7 @@ def schedule(jobs: list[Job], work: Path, budget: Budget, record_dir: Path, para
                                                       cwd=ROOT), time.monotonic(), log)
         time.sleep(2)
     write_reports(Record(record_dir), tomls)
+    print(write_summary(Record(record_dir)), flush=True)
     return 1 if failed else 0
 
 
@@ -463,6 +466,46 @@ def write_reports(record: Record, tomls: dict[str, Path]) -> None:
         print((record.folder / f"report_{language}.md").read_text(), flush=True)
 
 
+MODELS = {  # job -> what the model is, for the summary table
+    "wiki": "`mini` on English Wikipedia (30,522-piece vocabulary trained on it)",
+    "dapt": "`wiki` continued on the IMDB unlabelled reviews",
+    "dapt_extend": "`wiki` + `tokenizer extend` on the reviews, then continued on them",
+    "scratch": "`mini` from scratch on Wikipedia + IMDB reviews (vocabulary trained on both); phase 1 then 2",
+    "zh_mini": "`mini` on the Chinese corpora (reference 6k vocabulary)",
+    "zh_dapt": "`zh_mini` continued on the online-shopping reviews",
+}
+
+
+def write_summary(record: Record) -> str:
+    """summary.md: each pre-trained model (steps, minutes, held-out MLM/NSP accuracy) and the CPU time spent."""
+    lines = ["| model | what | steps x tokens | minutes | held-out MLM acc | NSP acc |", "|---|---|---|---|---|---|"]
+    minutes = 0.0
+    for name, what in MODELS.items():
+        job = record.jobs.get(name)
+        if job is None:
+            continue
+        phases = [job.get("phase1"), job] if job.get("phase1") else [job]
+        minutes += job.get("job_minutes", sum(phase["minutes"] for phase in phases))
+        steps = " + ".join(f"{phase['steps']:,} x 32 x {phase['seq_len']}" for phase in phases)
+        lines.append(f"| {name} | {what} | {steps} | {sum(p['minutes'] for p in phases):.1f} | "
+                     f"{job['validation']['mlm_accuracy']:.3f} | {job['validation']['nsp_accuracy']:.3f} |")
+    bench_minutes = sum(json.loads(path.read_text())["minutes"] for path in record.folder.glob("bench_*.json"))
+    notes = [f"CPU time: {minutes:.0f} min pre-training (one thread per job; data preparation and vocabularies "
+             f"included) + {bench_minutes:.0f} min fine-tuning = {(minutes + bench_minutes) / 60:.2f} CPU-hours."]
+    if "dapt_extend" in record.jobs:
+        extend = record.jobs["dapt_extend"]["extend"]
+        notes.append(f"`tokenizer extend` added {extend['added']:,} words ({extend['slots_used']} into [unused] "
+                     f"slots, {extend['grown']:,} appended), the most frequent first: {', '.join(extend['first'][:20])}.")
+    if "zh_dapt" in record.jobs:
+        corpus = record.jobs["zh_dapt"]["corpus"]
+        notes.append(f"Online-shopping reviews: {corpus['reviews']:,}, of which "
+                     f"{corpus['left_out_in_chnsenticorp_dev_test']:,} also occur in ChnSentiCorp's dev or test file "
+                     f"and were left out; {corpus['kept']:,} kept.")
+    text = "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    (record.folder / "summary.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".cache" / "domain_adaptation")
@@ -483,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report_only:
         write_reports(Record(record_dir), dict(zip(("en", "zh"), tasks_toml(work, budget))))
+        print(write_summary(Record(record_dir)))
         return 0
     jobs = needed(Record(record_dir), work)
     print(f"jobs to run: {', '.join(job.name for job in jobs) or 'none'}", flush=True)
