@@ -222,7 +222,8 @@ def pretrain_phase(work: Path, name: str, corpus: list[Path], tokenizer: Path, *
     config = PretrainConfig(data=data, out=run, model=size, init=init, batch_size=32, lr=lr,
                             warmup_steps=max(1, steps // 20), max_steps=steps, precision="auto", dropout=0.0,
                             dynamic_masking=True, eval_every=max(1, steps // 5), save_every=max(1, steps // 20),
-                            keep_last=1, seed=0, resume=(run / "config.json").is_file(), overwrite=True)
+                            keep_last=1, seed=0, resume=(run / "config.json").is_file(),
+                            overwrite=not (run / "config.json").is_file())
     started = time.monotonic()
     result = pretrain(config)
     if result.stop_reason == "signal":
@@ -311,15 +312,15 @@ JOBS = (  # in the order the scheduler starts them once their dependencies are d
     Job("zh_mini", (), job_zh_mini),
     Job("zh_dapt", ("zh_mini",), job_zh_dapt),
     Job("dapt", ("wiki",), job_dapt),
+    Job("dapt_extend", ("wiki",), job_dapt_extend),
     Job("bench_zh_random", ("zh_mini",), language="zh", model="random"),
     Job("bench_zh_zh_mini", ("zh_mini",), language="zh", model="zh_mini"),
     Job("bench_zh_zh_dapt", ("zh_dapt",), language="zh", model="zh_dapt"),
     Job("bench_en_random", ("wiki",), language="en", model="random"),
     Job("bench_en_wiki", ("wiki",), language="en", model="wiki"),
     Job("bench_en_dapt", ("dapt",), language="en", model="dapt"),
-    Job("dapt_extend", ("wiki",), job_dapt_extend),
-    Job("scratch", (), job_scratch),
     Job("bench_en_dapt_extend", ("dapt_extend",), language="en", model="dapt_extend"),
+    Job("scratch", (), job_scratch),
     Job("bench_en_scratch", ("scratch",), language="en", model="scratch"),
 )
 BY_NAME = {job.name: job for job in JOBS}
