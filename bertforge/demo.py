@@ -31,7 +31,6 @@ can show an MLM gain with NSP still at its baseline; a larger `--minutes` gives 
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -54,7 +53,7 @@ from bertforge.monitor import METRICS_FILE, read_metrics
 from bertforge.optim import build_optimizer
 from bertforge.precision import fastest_precision
 from bertforge.pretrain import PretrainConfig, count_targets, pretrain, pretraining_loss
-from bertforge.run_folder import OutKind, check_out
+from bertforge.run_folder import OutKind, check_out, write_json
 from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 MARKER = "demo.json"  # marks a folder as a bertforge demo, so --overwrite never deletes anything else
@@ -177,8 +176,7 @@ def run_demo(config: DemoConfig) -> str:
     if check_out(out, DEMO_FOLDER, overwrite=config.overwrite, resume=config.resume) and config.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
-                              + "\n", encoding="utf-8")
+    write_json(out / MARKER, {"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
     corpus = default_corpus_files()
     tokenizer_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "run"
 

@@ -3,7 +3,7 @@
 Steps: read documents (`bertforge.data.corpus`), tokenise them in batches with the tokenizer's Rust
 `encode_batch` into one flat int32 array (`TokenCorpus`), hold out whole documents for validation, generate
 instances (`bertforge.data.instances`), spill them to run files and write them in a random order with bounded
-memory (`bertforge.data.spill`) through `ShardWriter`, then `finalize_data_dir` renames the folder into place.
+memory (`bertforge.data.spill`) through `ShardWriter` into a `run_folder.writing_dir`, renamed into place.
 
 Modes. `exact=True` runs the reference algorithm in one process with one `random.Random(seed)` and reproduces
 Google's create_pretraining_data.py instance for instance (with `validation_fraction=0`). The default fast
@@ -38,9 +38,10 @@ from bertforge.data.corpus import DOCUMENT_DELIMITERS, CorpusStats, expand_input
 from bertforge.data.instances import (InstanceOptions, TokenCorpus, continuation_flags, final_permutation,
                                       generate_exact, generate_fast)
 from bertforge.data.masking import SpecialTokens
-from bertforge.data.shards import ShardWriter, check_out_dir, finalize_data_dir, token_dtype
+from bertforge.data.shards import ShardWriter, check_out_dir, token_dtype, write_manifest
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
+from bertforge.run_folder import writing_dir
 from bertforge.tokenizer import Tokenizer, load_tokenizer
 
 _ENCODE_SENTENCES = 8192   # sentences per encode_batch call
@@ -110,12 +111,11 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
     if warning is not None:
         print(f"bertforge: warning: {warning}", file=sys.stderr, flush=True)
 
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp, spill = work / "data", work / "spill"
     special = SpecialTokens(tok.cls_id, tok.sep_id, tok.mask_id, len(tok.vocab))
     split_counts: dict[str, dict[str, int]] = {}
-    try:
-        spill.mkdir(parents=True)
+    with writing_dir(out, what="DATA folder", then="free space or fix the folder and prepare again") as tmp:
+        spill = tmp / ".spill"  # the run files of the shuffles, gone before the folder is published
+        spill.mkdir()
         tok.save(tmp)
         for index, name in enumerate(SPLITS):
             documents = split_docs[index]
@@ -127,12 +127,12 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
                        _generate_fast(corpus, documents, options, special, seed, index, spill, workers, show_progress))
             split_counts[name] = {"documents": int(len(documents)), **_write(batches, writer)}
             writer.close()
+        shutil.rmtree(spill)
         manifest = _manifest(tok, files, stats, counts, options, split_counts, seed=seed, exact=exact,
                              chinese_wwm=chinese_wwm, validation_fraction=validation_fraction, workers=workers,
                              fmt=fmt, elapsed=time.perf_counter() - started)
-        finalize_data_dir(tmp, out, manifest, overwrite=overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_manifest(tmp, manifest)
+        check_out_dir(out, overwrite=overwrite)  # the folder may have changed while we prepared
     return manifest
 
 

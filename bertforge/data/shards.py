@@ -20,8 +20,8 @@ Fields of one shard holding n instances with t tokens and m masked positions in 
 Raw files (not .npy) so that `ShardWriter` can stream: it appends chunk by chunk and hashes the bytes as it
 writes them, so its memory does not grow with the number of instances. Dtypes and counts live in the manifest.
 
-Atomicity: everything is written into a temporary folder; `finalize_data_dir` writes `manifest.json` last,
-fsyncs, and renames the folder into place, so an interrupted `prepare` never leaves a folder that looks complete.
+Atomicity: everything is written into a temporary folder; `write_manifest` writes `manifest.json` last, then the
+folder is fsynced and renamed into place, so an interrupted `prepare` never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -282,16 +282,21 @@ def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
 
 
 def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, *, overwrite: bool) -> None:
-    """Completes a DATA folder: shard table + manifest.json (last, fsynced), then an atomic rename tmp → out.
+    """`write_manifest`, then an atomic rename tmp → out. An existing DATA folder at `out_dir` is replaced only
+    with `overwrite`: moved aside, the new one renamed in, then the old one deleted."""
+    check_out_dir(out_dir, overwrite=overwrite)
+    write_manifest(Path(tmp_dir), manifest)
+    publish_dir(Path(tmp_dir), Path(out_dir))
+
+
+def write_manifest(tmp: Path, manifest: dict) -> None:
+    """Completes the DATA folder being written in `tmp`: shard table + manifest.json (last).
 
     `manifest` holds the caller's fields (vocab_hash, do_lower_case, options, counts, ...); this function sets
     `kind`, `format_version`, `storage`, `shards` (every shard file with dtype, count, bytes, sha256), per-split
     totals under `splits` (merged into any per-split dict the caller gives), `files` (the other files in the
-    folder, e.g. vocab.txt, with bytes and sha256) and `manifest_sha256`. An existing DATA folder at `out_dir`
-    is replaced only with `overwrite`: moved aside, the new one renamed in, then the old one deleted.
+    folder, e.g. vocab.txt, with bytes and sha256) and `manifest_sha256`.
     """
-    tmp, out = Path(tmp_dir), Path(out_dir)
-    check_out_dir(out, overwrite=overwrite)
     records = sorted(tmp.glob(f"*/{_WRITER_RECORD}"))
     if not records:
         raise ValueError(f"{tmp} holds no closed ShardWriter output")
@@ -325,4 +330,3 @@ def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, 
                        for path in others])
     full["manifest_sha256"] = manifest_checksum(full)
     write_json(tmp / MANIFEST, full, indent=1, sort_keys=False)
-    publish_dir(tmp, out)
