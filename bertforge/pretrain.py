@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertforge import checkpoint, distributed
-from bertforge.config import PRESETS, ModelConfig, resolve_model_config
+from bertforge.config import ModelConfig, resolve_model_config
 from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
 from bertforge.errors import BertforgeError
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
@@ -34,7 +34,7 @@ from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
 from bertforge.packing import real_tokens
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
-from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, run_settings,
+from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, read_json, run_settings,
                                  write_json_atomic)
 from bertforge.tokenizer import load_tokenizer
 
@@ -216,14 +216,11 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         raise BertforgeError(f"{run_dir} holds no bertforge run ({CONFIG_FILE} missing); nothing to resume — "
-                             "start it without --resume") from None
-    except (OSError, ValueError) as exc:
-        raise BertforgeError(f"{path} is unreadable ({exc}); start a new run with --overwrite") from None
-    if not isinstance(saved, dict) or saved.get("kind") != RUN_KIND:
+                             "start it without --resume")
+    saved = read_json(path, fix="start a new run with --overwrite")
+    if saved.get("kind") != RUN_KIND:
         raise BertforgeError(f"{path} is not a bertforge pre-training run config; choose another --out")
     return saved
 
@@ -267,18 +264,6 @@ def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: st
 
 # ---------------------------------------------------------------------------------------------- model
 
-def _model_config(config: PretrainConfig, data: PretrainData) -> ModelConfig:
-    """The architecture: a preset or CONFIG.json (vocab_size from DATA unless the file sets it)."""
-    if config.model in PRESETS:
-        model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
-    else:
-        model_config = resolve_model_config(config.model)
-        raw = json.loads(Path(config.model).read_text(encoding="utf-8"))
-        if "vocab_size" not in raw:
-            model_config = model_config.replace(vocab_size=data.vocab_size)
-    return model_config.with_dropout(config.dropout)
-
-
 def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str) -> None:
     if model_config.vocab_size < data.vocab_size:
         raise BertforgeError(f"{source} has vocab_size {model_config.vocab_size} but {data.path} uses "
@@ -291,7 +276,8 @@ def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str)
 def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPreTraining, ModelConfig]:
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights
     if config.init is None:
-        model_config = _model_config(config, data)
+        # A size, or a CONFIG.json (architecture only): vocab_size from DATA unless the file sets it.
+        model_config = resolve_model_config(config.model, vocab_size=data.vocab_size).with_dropout(config.dropout)
         _check_fits_data(model_config, data, f"--model {config.model}")
         return BertForPreTraining(model_config), model_config
     loaded = load_model(config.init)
