@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bertforge.errors import BertforgeError
 from bertforge.run_folder import read_json
@@ -112,6 +112,15 @@ class ModelConfig:
         """The config a CONFIG.json gives; `defaults` fill the fields it leaves out."""
         data = read_json(Path(path), fix="give a model size or a CONFIG.json of ModelConfig fields")
         return cls.from_dict({**defaults, **data}, source=str(path))
+
+
+def check_options(options: Any, requirement: str, test: Callable[[Any], bool], *names: str) -> None:
+    """Refuses the first of the fields `names` of `options` (a config dataclass) whose value fails `test` (None is
+    unset, never refused), in the words of its CLI flag: "--max-steps must be at least 1, got 0"."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and not test(value):
+            raise BertforgeError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
 
 
 def resolve_model_config(spec: str, **defaults: Any) -> ModelConfig:

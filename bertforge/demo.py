@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bertforge.config import resolve_model_config
+from bertforge.config import check_options, resolve_model_config
 from bertforge.corpus import default_corpus_files
 from bertforge.data.dataset import PretrainData, collate_pretrain
 from bertforge.data.prepare import prepare
@@ -92,8 +92,7 @@ class DemoConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if not self.minutes > 0:
-            raise BertforgeError(f"--minutes must be positive, got {self.minutes}")
+        check_options(self, "positive", lambda v: v > 0, "minutes")
         if self.overwrite and self.resume:
             raise BertforgeError("--overwrite and --resume exclude each other; pick one")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertforge import checkpoint, distributed
-from bertforge.config import ModelConfig, resolve_model_config
+from bertforge.config import ModelConfig, check_options, resolve_model_config
 from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
 from bertforge.errors import BertforgeError
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
@@ -95,23 +95,13 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, Path(value).absolute())
-        for name in ("batch_size", "grad_accum", "log_every", "max_steps", "eval_every", "save_every", "keep_last",
-                     "eval_batches"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("lr", "epochs", "max_minutes", "dist_timeout"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise BertforgeError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise BertforgeError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
-        if not 0 <= self.weight_decay < 1:
-            raise BertforgeError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
-        if not 0 < self.nan_lr_factor <= 1:
-            raise BertforgeError(f"--nan-lr-factor must be in (0, 1], got {self.nan_lr_factor}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_options(self, "at least 1", lambda v: v >= 1, "batch_size", "grad_accum", "log_every", "max_steps",
+                      "eval_every", "save_every", "keep_last", "eval_batches")
+        check_options(self, "a positive number", lambda v: v > 0 and math.isfinite(v), "lr", "epochs", "max_minutes",
+                      "dist_timeout")
+        check_options(self, "0 or more", lambda v: v >= 0, "warmup_steps")
+        check_options(self, "in [0, 1)", lambda v: 0 <= v < 1, "weight_decay", "dropout")
+        check_options(self, "in (0, 1]", lambda v: 0 < v <= 1, "nan_lr_factor")
         choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": ("auto", "cpu", "cuda"),
                    "on_nan": ("stop", "rollback")}
         for name, allowed in choices.items():

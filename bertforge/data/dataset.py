@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from bertforge.data.instances import continuation_flags
 from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
@@ -219,11 +220,6 @@ class PretrainData:
         return SpecialIds(pad=index["[PAD]"], unk=index["[UNK]"], cls=index["[CLS]"], sep=index["[SEP]"],
                           mask=index["[MASK]"])
 
-    @cached_property
-    def subword_flags(self) -> np.ndarray:
-        """(V,) bool: True for "##" continuation pieces (they join the previous word in whole-word masking)."""
-        return np.array([token.startswith("##") for token in self.vocab], dtype=bool)
-
     def split(self, name: str) -> InstanceStore:
         """The instances of split `name` ("train" | "validation"), memory-mapped."""
         if name not in self.manifest["splits"]:
@@ -255,7 +251,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                                     data.vocab_size)
             self.rule = MaskingRule(masked_lm_prob=data.masked_lm_prob, max_predictions=data.max_predictions,
                                     special=special)
-            self.subword_flags = data.subword_flags if data.whole_word_mask else None
+            self.subword_flags = continuation_flags(data.vocab) if data.whole_word_mask else None
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose masks `__getitem__` draws (dynamic masking only changes anything)."""

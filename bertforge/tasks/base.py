@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from bertforge.config import check_options
 from bertforge.errors import BertforgeError
 from bertforge.packing import pack_rows, pad_rows
 
@@ -40,9 +41,7 @@ class TaskOptions:
     lang: str | None = None                      # qa: "en" (SQuAD metrics) | "zh" (CMRC metrics) | None = detect
 
     def __post_init__(self) -> None:
-        for name in ("doc_stride", "max_query_len", "max_answer_len", "n_best"):
-            if getattr(self, name) <= 0:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_options(self, "positive", lambda v: v > 0, "doc_stride", "max_query_len", "max_answer_len", "n_best")
         if self.lang not in (None, "en", "zh"):
             raise BertforgeError(f"--lang must be en or zh, got {self.lang!r}")
 
