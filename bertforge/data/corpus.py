@@ -281,34 +281,27 @@ def _is_cjk(char: str) -> bool:
     return _CJK_CHAR.match(char) is not None
 
 
-def _paragraph_sentences(lines: Iterable[str]) -> Iterator[str]:
-    """Blank lines separate paragraphs; each paragraph's lines are joined and split into sentences."""
-    paragraph: list[str] = []
+def _blocks(lines: Iterable[str]) -> Iterator[list[str]]:
+    """The runs of non-blank lines (stripped) that blank lines separate: `lines` documents, or paragraphs."""
+    block: list[str] = []
     for line in lines:
         line = line.strip()
         if line:
-            paragraph.append(line)
-        elif paragraph:
-            yield from split_sentences(_join_lines(paragraph))
-            paragraph = []
-    if paragraph:
+            block.append(line)
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _paragraph_sentences(lines: Iterable[str]) -> Iterator[str]:
+    """Blank lines separate paragraphs; each paragraph's lines are joined and split into sentences."""
+    for paragraph in _blocks(lines):
         yield from split_sentences(_join_lines(paragraph))
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
-
-def _read_lines(lines: Iterator[str]) -> Iterator[list[str]]:
-    document: list[str] = []
-    for line in lines:
-        line = line.strip()
-        if line:
-            document.append(line)
-        elif document:
-            yield document
-            document = []
-    if document:
-        yield document
-
 
 def _read_text(lines: Iterator[str]) -> Iterator[list[str]]:
     yield list(_paragraph_sentences(lines))
@@ -370,7 +363,7 @@ def iter_documents(path: Path, fmt: str | None, stats: CorpusStats) -> Iterator[
     stats.formats[str(path)] = fmt
     lines = _iter_lines(path, stats)
     if fmt == "lines":
-        documents = _read_lines(lines)
+        documents = _blocks(lines)
     elif fmt == "text":
         documents = _read_text(lines)
     elif fmt == "jsonl":

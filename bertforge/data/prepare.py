@@ -48,6 +48,7 @@ _ENCODE_SENTENCES = 8192   # sentences per encode_batch call
 _RUN_INSTANCES = 32768     # instances a fast task shuffles in memory before writing a run (bounds memory)
 _TASK_TOKENS = 1 << 20     # about this many corpus tokens per fast task (at least 16 tasks per split)
 SPLITS = ("train", "validation")
+_INSTANCE_COUNTS = ("instances", "is_random_next", "truncated_instances", "short_target_instances", "masks")
 
 
 def prepare(inputs: Sequence[str | Path] | None, tokenizer: Tokenizer | str | Path, out: str | Path, *,
@@ -385,8 +386,7 @@ def _quiet_tokenizers_fork() -> Iterator[None]:
 
 def _write(batches: Iterator[InstanceBatch], writer: ShardWriter) -> dict[str, int]:
     """Feed batches to the ShardWriter as flat arrays; returns the split's instance counts."""
-    counts = dict.fromkeys(("instances", "is_random_next", "truncated_instances", "short_target_instances",
-                            "masks"), 0)
+    counts = dict.fromkeys(_INSTANCE_COUNTS, 0)
     for batch in batches:
         writer.add_batch(batch)
         counts["instances"] += len(batch)
@@ -405,8 +405,7 @@ def _manifest(tok: Tokenizer, files: Sequence[Path], stats: CorpusStats, counts:
     formats: dict[str, int] = {}
     for chosen in stats.formats.values():
         formats[chosen] = formats.get(chosen, 0) + 1
-    totals = {key: sum(split[key] for split in split_counts.values())
-              for key in ("instances", "is_random_next", "truncated_instances", "short_target_instances", "masks")}
+    totals = {key: sum(split[key] for split in split_counts.values()) for key in _INSTANCE_COUNTS}
     return {
         "created_by": f"bertforge {bertforge.__version__}",
         "vocab_hash": tok.vocab_hash, "vocab_size": len(tok.vocab), "do_lower_case": tok.do_lower_case,

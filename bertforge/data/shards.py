@@ -30,10 +30,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from bertforge.data.spill import InstanceBatch
 from bertforge.run_folder import OutKind, check_out, publish_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -62,19 +63,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def field_dtype(field: str, vocab_size: int) -> np.dtype:
     kind = FIELDS[field]
     return token_dtype(vocab_size) if kind == "token" else np.dtype(kind)
-
-
-class FlatInstances(Protocol):
-    """Instances as flat arrays, named like the shard fields (n instances, t tokens, m masks)."""
-
-    ids: np.ndarray               # (t,)
-    offsets: np.ndarray           # (n + 1,) starting at 0
-    a_len: np.ndarray             # (n,)
-    is_random_next: np.ndarray    # (n,) bool
-    mask_offsets: np.ndarray      # (n + 1,) starting at 0
-    masked_positions: np.ndarray  # (m,)
-    masked_ids: np.ndarray        # (m,)
-    replacement_ids: np.ndarray   # (m,)
 
 
 class _HashedFile:
@@ -131,8 +119,9 @@ class ShardWriter:
         self._shard_max = [0, 0]        # longest instance, most masks in the open shard
         self._closed = False
 
-    def add_batch(self, batch: FlatInstances) -> None:
-        """Appends many instances given as flat arrays (the layout of the shard files; e.g. an InstanceBatch)."""
+    def add_batch(self, batch: InstanceBatch) -> None:
+        """Appends many instances given as flat arrays, the layout of the shard files (an InstanceBatch, or any
+        object with its arrays ids ... replacement_ids)."""
         if self._closed:
             raise ValueError("ShardWriter is closed")
         offsets = np.asarray(batch.offsets, dtype=np.int64)
