@@ -307,16 +307,24 @@ def _read_text(lines: Iterator[str]) -> Iterator[list[str]]:
     yield list(_paragraph_sentences(lines))
 
 
-def _read_jsonl(lines: Iterator[str], path: Path) -> Iterator[list[str]]:
+def json_objects(lines: Iterable[str], path: Path, hint: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a line that is not a JSON object is one
+    BertforgeError naming it and ending in `hint`."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BertforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); "
-                                 "use --format lines or text for plain text") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BertforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); {hint}") from None
+        if not isinstance(record, dict):
+            raise BertforgeError(f"{path}:{number}: expected a JSON object per line; {hint}")
+        yield number, record
+
+
+def _read_jsonl(lines: Iterator[str], path: Path) -> Iterator[list[str]]:
+    for number, record in json_objects(lines, path, "use --format lines or text for plain text"):
+        if not isinstance(record.get("text"), str):
             raise BertforgeError(f'{path}:{number}: expected a JSON object with a string "text" field')
         yield list(_paragraph_sentences(record["text"].splitlines()))
 
