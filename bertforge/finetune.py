@@ -32,6 +32,7 @@ from torch import nn
 
 from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
+from bertforge.config import check_options
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
 from bertforge.packing import real_tokens
@@ -93,19 +94,12 @@ class FinetuneConfig:
             raise BertforgeError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.resume and self.overwrite:
             raise BertforgeError("--resume and --overwrite contradict each other; pass one")
-        for name in ("epochs", "batch_size", "eval_batch_size", "save_every"):
-            if getattr(self, name) <= 0:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_seq_len is not None and self.max_seq_len < 8:
-            raise BertforgeError(f"--max-seq-len must be at least 8, got {self.max_seq_len}")
-        if self.max_train_examples is not None and self.max_train_examples <= 0:
-            raise BertforgeError(f"--max-train-examples must be positive, got {self.max_train_examples}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
-            raise BertforgeError("--lr must be positive, --weight-decay non-negative and --warmup-ratio in [0, 1)")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise BertforgeError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_options(self, "positive", lambda v: v > 0, "epochs", "batch_size", "eval_batch_size", "save_every",
+                      "max_train_examples", "lr")
+        check_options(self, "at least 8", lambda v: v >= 8, "max_seq_len")
+        check_options(self, "non-negative", lambda v: v >= 0, "weight_decay")
+        check_options(self, "in [0, 1)", lambda v: 0 <= v < 1, "warmup_ratio", "dropout")
+        check_options(self, "in (0, 1]", lambda v: 0 < v <= 1, "layer_lr_decay")
         if self.precision not in PRECISIONS:
             raise BertforgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):

@@ -390,9 +390,10 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
           checkpoint_meta: dict[str, Any] | None = None, extra_state: Any = None) -> LoopResult:
     """Runs optimizer steps until `config.max_steps`, the time budget or a stop signal.
 
-    model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on
-    the last micro-batch of a step). extra_state: the stage's own state (`state_dict()`, `load_state_dict()`)
-    that checkpoints keep and restore with the rest. Returns where the run stopped and its last metrics.
+    model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on the last
+    micro-batch of a step). monitor: a `monitor.Monitor`, disabled on ranks other than 0. extra_state: the stage's
+    own state (`state_dict()`, `load_state_dict()`) that checkpoints keep and restore with the rest. Returns where
+    the run stopped and its last metrics.
     """
     precision = resolve_precision(config.precision, device)  # refuses fp16 off CUDA before any work
     if distributed.is_main():  # above the stage's progress bar, which is drawn already
@@ -450,19 +451,16 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
                     result.totals[name] = result.totals.get(name, 0.0) + value
                 result.train_seconds += seconds
                 result.train_metrics = record
-                if distributed.is_main():
-                    monitor.log(record)
+                monitor.log(record)
                 postfix = {"loss": record["loss"], "lr": record["lr"], "tok/s": record["tokens_per_s"]}
-            if distributed.is_main():
-                monitor.update(step, postfix)
+            monitor.update(step, postfix)
             if evaluate_fn is not None and not interrupted and (
                     ending or (config.eval_every and step % config.eval_every == 0)):
                 raw_model.eval()
                 with torch.no_grad(), autocast_context(device, precision):
                     result.eval_metrics = evaluate_fn(raw_model)
                 raw_model.train()
-                if distributed.is_main():
-                    monitor.log({"split": "validation", "step": step, **result.eval_metrics})
+                monitor.log({"split": "validation", "step": step, **result.eval_metrics})
             # No periodic save inside a run of non-finite steps: the last good checkpoint stays the newest.
             if ending or (config.save_every and step % config.save_every == 0 and not nonfinite.in_row):
                 result.checkpoint = resumable.save(step)

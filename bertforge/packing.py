@@ -46,11 +46,28 @@ class PackedLayout(NamedTuple):
         return self.cu_seqlens.shape[0] - 1
 
 
-def lengths_to_cu_seqlens(lengths: Sequence[int]) -> Tensor:
-    """Sequence lengths (B,) -> cumulative lengths (B + 1,) int32, starting at 0."""
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
-    return cu_seqlens
+def pad_rows(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]],
+             pad_id: int) -> dict[str, Tensor]:
+    """Sequences padded to the longest: input_ids (B, T) padded with `pad_id`, token_type_ids and attention_mask
+    (B, T) padded with 0; int64."""
+    shape = (len(input_ids), max(len(ids) for ids in input_ids))
+    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.int64), "token_type_ids": torch.zeros(shape).long(),
+             "attention_mask": torch.zeros(shape).long()}
+    for row, (ids, types) in enumerate(zip(input_ids, token_type_ids)):
+        batch["input_ids"][row, :len(ids)] = torch.as_tensor(ids)
+        batch["token_type_ids"][row, :len(ids)] = torch.as_tensor(types)
+        batch["attention_mask"][row, :len(ids)] = 1
+    return batch
+
+
+def pack_rows(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """Sequences packed: input_ids and token_type_ids (N,) int64, their tokens concatenated, and cu_seqlens
+    (B + 1,) int32, the cumulative lengths from 0."""
+    cu_seqlens = torch.zeros(len(input_ids) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor([len(ids) for ids in input_ids], dtype=torch.int64).cumsum(0)
+    return {"input_ids": torch.cat([torch.as_tensor(ids, dtype=torch.int64) for ids in input_ids]),
+            "token_type_ids": torch.cat([torch.as_tensor(types, dtype=torch.int64) for types in token_type_ids]),
+            "cu_seqlens": cu_seqlens}
 
 
 def positions(cu_seqlens: Tensor, total: int) -> Tensor:
