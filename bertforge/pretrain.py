@@ -32,7 +32,7 @@ from bertforge.loop import LoopConfig, StepLoader, autocast_context, train
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
-from bertforge.packing import real_tokens
+from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
 from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, run_settings,
                                  write_json_atomic)
@@ -171,7 +171,7 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: d
     """
     labels = batch["masked_lm_labels"]  # (B, P), -100 = padding
     output = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"),
-                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"))
+                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"), **host_arguments(batch))
     targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
     mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
     mlm_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
@@ -207,10 +207,10 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # mlm CE, correct, count; nsp CE, correct, count
     for index in range(distributed.rank(), num_batches, distributed.world_size()):
         items = [store[i] for i in range(index * batch_size, min(len(store), (index + 1) * batch_size))]
-        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id, packed=True).items()}
+        batch = to_device(collate_pretrain(items, pad_id, packed=True), device)
         labels = batch["masked_lm_labels"]
         output = model(batch["input_ids"], batch["token_type_ids"], None, batch["masked_lm_positions"], labels,
-                       cu_seqlens=batch["cu_seqlens"])
+                       cu_seqlens=batch["cu_seqlens"], **host_arguments(batch))
         targets, nsp_labels = labels[labels != IGNORE_INDEX], batch["next_sentence_label"]
         mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()
         sums += torch.stack([F.cross_entropy(mlm_logits, targets, reduction="sum"),

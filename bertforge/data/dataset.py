@@ -23,6 +23,7 @@ import torch
 from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
+from bertforge.packing import length_entries
 from bertforge.run_folder import sha256_file
 
 _REDO = "re-run `bertforge prepare` (with --overwrite)"
@@ -284,7 +285,8 @@ def collate_pretrain(items: list[dict], pad_id: int = 0, *, packed: bool = False
     padded with 0; masked_lm_positions (B, P) padded with 0 and masked_lm_labels (B, P) padded with -100,
     P = the most masks in the batch (at least 1); next_sentence_label (B,).
     Packed: input_ids and token_type_ids (N,), the instances' tokens concatenated, and cu_seqlens (B + 1,) int32
-    in place of attention_mask; the masked positions stay within each instance.
+    and max_seqlen 0-d (`packing.length_entries`) in place of attention_mask; the masked positions stay within
+    each instance.
     """
     if packed:
         return _pack_pretrain(items)
@@ -318,13 +320,10 @@ def _masked_lm_targets(items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack_pretrain(items: list[dict]) -> dict[str, torch.Tensor]:
-    lengths = np.array([len(item["input_ids"]) for item in items], dtype=np.int64)
-    cu_seqlens = np.zeros(len(items) + 1, dtype=np.int32)
-    cu_seqlens[1:] = lengths.cumsum()
     positions, labels = _masked_lm_targets(items)
     nsp = np.array([item["next_sentence_label"] for item in items], dtype=np.int64)
-    return {name: torch.from_numpy(array) for name, array in (
+    batch = {name: torch.from_numpy(array) for name, array in (
         ("input_ids", np.concatenate([item["input_ids"] for item in items]).astype(np.int64)),
         ("token_type_ids", np.concatenate([item["token_type_ids"] for item in items]).astype(np.int64)),
-        ("cu_seqlens", cu_seqlens), ("masked_lm_positions", positions), ("masked_lm_labels", labels),
-        ("next_sentence_label", nsp))}
+        ("masked_lm_positions", positions), ("masked_lm_labels", labels), ("next_sentence_label", nsp))}
+    return batch | length_entries([len(item["input_ids"]) for item in items])

@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from bertforge.errors import BertforgeError
-from bertforge.packing import lengths_to_cu_seqlens
+from bertforge.packing import length_entries
 
 log = logging.getLogger("bertforge.finetune")
 
@@ -144,12 +144,13 @@ def pad_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Te
 def pack_features(features: Sequence[Feature]) -> dict[str, torch.Tensor]:
     """A packed batch (`bertforge.packing`): the features' tokens concatenated, no padding anywhere in the inputs.
 
-    Returns input_ids, token_type_ids (N,) int64, N = the batch's tokens; cu_seqlens (B + 1,) int32;
-    `labels` as `collate_labels` (per-token labels keep their (B, T) layout: the token heads answer in it).
+    Returns input_ids, token_type_ids (N,) int64, N = the batch's tokens; cu_seqlens (B + 1,) int32 and
+    max_seqlen 0-d int64 (`packing.length_entries`); `labels` as `collate_labels` (per-token labels keep their
+    (B, T) layout: the token heads answer in it).
     """
     batch = {"input_ids": torch.tensor([i for f in features for i in f.input_ids], dtype=torch.int64),
              "token_type_ids": torch.tensor([i for f in features for i in f.token_type_ids], dtype=torch.int64),
-             "cu_seqlens": lengths_to_cu_seqlens([len(f.input_ids) for f in features])}
+             **length_entries([len(f.input_ids) for f in features])}
     return batch | collate_labels(features)
 
 
