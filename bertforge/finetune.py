@@ -35,7 +35,7 @@ from bertforge import finetune_progress as progress
 from bertforge.config import check_options
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
-from bertforge.packing import real_tokens
+from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record
 from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
 from bertforge.tasks import TASKS, TaskOptions
@@ -149,7 +149,8 @@ def run_model(model: nn.Module, features: list[Feature], *, pad_id: int, batch_s
         chunk = order[begin:begin + batch_size]
         batch = collate_features([features[i] for i in chunk], pad_id)
         batch.pop("labels", None)
-        logits = _outputs(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu().numpy()
+        batch = to_device(batch, device)
+        logits = _outputs(model(**(batch | host_arguments(batch)))).float().cpu().numpy()
         for row, i in enumerate(chunk):
             outputs[i] = logits[row] if logits.ndim == 2 else logits[row, :len(features[i].input_ids)]
         bar.update(len(chunk))
@@ -207,7 +208,7 @@ def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepL
               file=sys.stderr)
 
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k != "labels"} | host_arguments(batch)
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
         return loss, {"tokens": real_tokens(batch).float()}
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from bertforge import allocator, checkpoint, distributed
 from bertforge.errors import BertforgeError
 from bertforge.optim import LinearSchedule
+from bertforge.packing import to_device
 from bertforge.precision import describe, resolve_precision
 
 Batch = dict[str, torch.Tensor]
@@ -180,10 +181,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _step_totals(micro_batches: Sequence[Batch], count_fn: Callable[[Batch], dict[str, float]],
                  device: torch.device) -> dict[str, torch.Tensor]:
     """Normalisers of the whole optimizer step (all micro-batches, all processes), computed up front."""
@@ -284,7 +281,7 @@ def _optimizer_step(model: nn.Module, forward_model: nn.Module, micro_batches: S
         no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with autocast_context(device, precision):
-                loss, micro_stats = loss_fn(forward_model, _to_device(micro, device), totals)
+                loss, micro_stats = loss_fn(forward_model, to_device(micro, device), totals)
             # DDP averages gradients over ranks; each rank's loss is its share of the global sum.
             scaler.scale(loss * distributed.world_size()).backward()
         step_loss += loss.detach().float()

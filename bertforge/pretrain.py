@@ -32,7 +32,7 @@ from bertforge.loop import LoopConfig, LoopResult, StepLoader, autocast_context,
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
-from bertforge.packing import real_tokens
+from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
 from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, read_json, run_settings,
                                  write_json_atomic)
@@ -149,7 +149,7 @@ def _mlm_nsp_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str,
     (B, T) / (B, P) / (B,), padded or packed)."""
     labels, nsp_labels = batch["masked_lm_labels"], batch["next_sentence_label"]  # (B, P) with -100 = padding, (B,)
     output = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"),
-                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"))
+                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"), **host_arguments(batch))
     targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
     mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
     return {"mlm_ce": F.cross_entropy(mlm_logits, targets, reduction="sum"),
@@ -191,7 +191,7 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # mlm CE, correct, count; nsp CE, correct, count
     for index in range(distributed.rank(), num_batches, distributed.world_size()):
         items = [store[i] for i in range(index * batch_size, min(len(store), (index + 1) * batch_size))]
-        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id, packed=True).items()}
+        batch = to_device(collate_pretrain(items, pad_id, packed=True), device)
         sums += torch.stack([value.double() for value in _mlm_nsp_sums(model, batch).values()])
     mlm_ce, mlm_correct, mlm_count, nsp_ce, nsp_correct, nsp_count = distributed.all_reduce_sum(sums).tolist()
     if nsp_count == 0:

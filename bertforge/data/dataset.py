@@ -281,7 +281,8 @@ def collate_pretrain(items: list[dict], pad_id: int = 0, *, packed: bool = False
     padded with 0; masked_lm_positions (B, P) padded with 0 and masked_lm_labels (B, P) padded with -100,
     P = the most masks in the batch (at least 1); next_sentence_label (B,).
     Packed: input_ids and token_type_ids (N,), the instances' tokens concatenated, and cu_seqlens (B + 1,) int32
-    in place of attention_mask; the masked positions stay within each instance.
+    and max_seqlen 0-d (`packing.length_entries`) in place of attention_mask; the masked positions stay within
+    each instance.
     """
     ids, types = [item["input_ids"] for item in items], [item["token_type_ids"] for item in items]
     batch = pack_rows(ids, types) if packed else pad_rows(ids, types, pad_id)
