@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bertforge.allocator import keep_freed_memory
+from bertforge.packing import host_arguments
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SST2_TRAIN = DATA / "glue" / "SST-2" / "train.tsv.gz"
@@ -124,7 +125,7 @@ class Ours:
         self.autocast = lambda: autocast_context(device, precision)
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch[self.form].items() if k != "labels"}
+        inputs = {k: v for k, v in batch[self.form].items() if k != "labels"} | host_arguments(batch[self.form])
         return self.model(**inputs)
 
     def step(self, batch: Batch) -> None:

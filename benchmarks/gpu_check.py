@@ -86,6 +86,7 @@ from bertforge.distributed import resolve_device
 from bertforge.finetune import FinetuneConfig, finetune
 from bertforge.model_folder import load_model
 from bertforge.monitor import model_flops_per_token, peak_flops, read_metrics
+from bertforge.packing import to_device
 from bertforge.pretrain import PretrainConfig, pretrain
 from bertforge.tokenizer import train_tokenizer
 
@@ -483,7 +484,7 @@ def check_pretrain_throughput(ctx: Context, seq: int, batch_size: int, compile_m
     data = ctx.bundle / f"data{seq}"
     padded = [{**b, "hf_labels": pt.hf_labels(b)} for b in pt.load_batches(data, batch_size, count)]
     padded = [{k: v.to(ctx.device) for k, v in b.items()} for b in padded]
-    packed = [{k: v.to(ctx.device) for k, v in b.items()}  # as `bertforge pretrain` trains
+    packed = [to_device(b, ctx.device)  # as `bertforge pretrain` trains
               for b in pt.load_batches(data, batch_size, count, packed=True)]
     precision = ctx.sizes.precision
     makers = {"bertforge": lambda: pt.Ours(config, ctx.device, precision),
@@ -498,7 +499,7 @@ def check_finetune_throughput(ctx: Context) -> str:
     folder = ft.make_folder(s.bench_model, ctx.work / "finetune_bench", vocab=ctx.data)
     batches = ft.sst2_batches(folder, s.finetune_batch, s.bench_warmup + s.bench_steps,
                               train_file=ctx.bundle / "sst2" / "train.tsv")
-    batches = [{form: {k: v.to(ctx.device) for k, v in b.items()} for form, b in both.items()} for both in batches]
+    batches = [{form: to_device(b, ctx.device) for form, b in both.items()} for both in batches]
     makers = {"bertforge": lambda: ft.Ours(folder, ctx.device, s.precision),
               "transformers": lambda: ft.Transformers(folder, ctx.device, s.precision)}
     config = ModelConfig.preset(s.bench_model, vocab_size=pt.VOCAB_SIZE)

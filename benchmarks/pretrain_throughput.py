@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from bertforge.config import ModelConfig
 from bertforge.allocator import keep_freed_memory
 from bertforge.monitor import measure_matmul_peak, model_flops_per_token
+from bertforge.packing import to_device
 from bertforge.precision import OVERRIDE_ENV, machine, native_bf16
 
 VOCAB_SIZE = 30522
@@ -255,7 +256,7 @@ def bench_model(name: str, args: argparse.Namespace, data_dir: Path, device: tor
     for batch in batches:
         batch["hf_labels"] = hf_labels(batch)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    packed = [{k: v.to(device) for k, v in batch.items()}
+    packed = [to_device(batch, device)  # max_seqlen stays on the host, as in `bertforge pretrain`
               for batch in load_batches(data_dir, batch_size, args.warmup + args.steps, packed=True)]
     timed_batches = batches[args.warmup:]
     tokens = sum(int(b["attention_mask"].sum()) for b in timed_batches)

@@ -7,12 +7,12 @@ Field names and defaults follow Hugging Face `BertConfig`, so `config.json` roun
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bertforge.errors import BertforgeError
+from bertforge.run_folder import read_json
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
@@ -108,24 +108,26 @@ class ModelConfig:
             raise BertforgeError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BertforgeError(f"model config {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BertforgeError(f"model config {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise BertforgeError(f"model config {path} must hold a JSON object")
-        data.update(overrides)
-        return cls.from_dict(data, source=str(path))
+    def from_json_file(cls, path: str | Path, **defaults: Any) -> "ModelConfig":
+        """The config a CONFIG.json gives; `defaults` fill the fields it leaves out."""
+        data = read_json(Path(path), fix="give a model size or a CONFIG.json of ModelConfig fields")
+        return cls.from_dict({**defaults, **data}, source=str(path))
 
 
-def resolve_model_config(spec: str, **overrides: Any) -> ModelConfig:
-    """`tiny|mini|small|medium|base|large` or a path to a CONFIG.json."""
+def check_options(options: Any, requirement: str, test: Callable[[Any], bool], *names: str) -> None:
+    """Refuses the first of the fields `names` of `options` (a config dataclass) whose value fails `test` (None is
+    unset, never refused), in the words of its CLI flag: "--max-steps must be at least 1, got 0"."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and not test(value):
+            raise BertforgeError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+
+
+def resolve_model_config(spec: str, **defaults: Any) -> ModelConfig:
+    """`tiny|mini|small|medium|base|large` or a path to a CONFIG.json; `defaults` fill the fields it leaves open
+    (a size sets only the layer shapes), e.g. DATA's vocab_size."""
     if spec in PRESETS:
-        return ModelConfig.preset(spec, **overrides)
+        return ModelConfig.preset(spec, **defaults)
     if spec.endswith(".json") or Path(spec).is_file():
-        return ModelConfig.from_json_file(spec, **overrides)
+        return ModelConfig.from_json_file(spec, **defaults)
     raise BertforgeError(f"--model {spec!r} is neither a size ({', '.join(PRESETS)}) nor a CONFIG.json file")

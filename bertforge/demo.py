@@ -31,7 +31,6 @@ can show an MLM gain with NSP still at its baseline; a larger `--minutes` gives 
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bertforge.config import resolve_model_config
+from bertforge.config import check_options, resolve_model_config
 from bertforge.corpus import default_corpus_files
 from bertforge.data.dataset import PretrainData, collate_pretrain
 from bertforge.data.prepare import prepare
@@ -54,7 +53,7 @@ from bertforge.monitor import METRICS_FILE, read_metrics
 from bertforge.optim import build_optimizer
 from bertforge.precision import fastest_precision
 from bertforge.pretrain import PretrainConfig, count_targets, pretrain, pretraining_loss
-from bertforge.run_folder import OutKind, check_out
+from bertforge.run_folder import OutKind, check_out, write_json
 from bertforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 MARKER = "demo.json"  # marks a folder as a bertforge demo, so --overwrite never deletes anything else
@@ -93,8 +92,7 @@ class DemoConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if not self.minutes > 0:
-            raise BertforgeError(f"--minutes must be positive, got {self.minutes}")
+        check_options(self, "positive", lambda v: v > 0, "minutes")
         if self.overwrite and self.resume:
             raise BertforgeError("--overwrite and --resume exclude each other; pick one")
 
@@ -177,8 +175,7 @@ def run_demo(config: DemoConfig) -> str:
     if check_out(out, DEMO_FOLDER, overwrite=config.overwrite, resume=config.resume) and config.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
-                              + "\n", encoding="utf-8")
+    write_json(out / MARKER, {"kind": "bertforge-demo", "model": config.model, "seed": config.seed})
     corpus = default_corpus_files()
     tokenizer_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "run"
 

@@ -32,9 +32,10 @@ from torch import nn
 
 from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
+from bertforge.config import check_options
 from bertforge.errors import BertforgeError
 from bertforge.monitor import Monitor, read_metrics
-from bertforge.packing import real_tokens
+from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record
 from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
 from bertforge.tasks import TASKS, TaskOptions
@@ -93,19 +94,12 @@ class FinetuneConfig:
             raise BertforgeError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.resume and self.overwrite:
             raise BertforgeError("--resume and --overwrite contradict each other; pass one")
-        for name in ("epochs", "batch_size", "eval_batch_size", "save_every"):
-            if getattr(self, name) <= 0:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_seq_len is not None and self.max_seq_len < 8:
-            raise BertforgeError(f"--max-seq-len must be at least 8, got {self.max_seq_len}")
-        if self.max_train_examples is not None and self.max_train_examples <= 0:
-            raise BertforgeError(f"--max-train-examples must be positive, got {self.max_train_examples}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
-            raise BertforgeError("--lr must be positive, --weight-decay non-negative and --warmup-ratio in [0, 1)")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise BertforgeError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_options(self, "positive", lambda v: v > 0, "epochs", "batch_size", "eval_batch_size", "save_every",
+                      "max_train_examples", "lr")
+        check_options(self, "at least 8", lambda v: v >= 8, "max_seq_len")
+        check_options(self, "non-negative", lambda v: v >= 0, "weight_decay")
+        check_options(self, "in [0, 1)", lambda v: 0 <= v < 1, "warmup_ratio", "dropout")
+        check_options(self, "in (0, 1]", lambda v: 0 < v <= 1, "layer_lr_decay")
         if self.precision not in PRECISIONS:
             raise BertforgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
@@ -155,7 +149,8 @@ def run_model(model: nn.Module, features: list[Feature], *, pad_id: int, batch_s
         chunk = order[begin:begin + batch_size]
         batch = collate_features([features[i] for i in chunk], pad_id)
         batch.pop("labels", None)
-        logits = _outputs(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu().numpy()
+        batch = to_device(batch, device)
+        logits = _outputs(model(**(batch | host_arguments(batch)))).float().cpu().numpy()
         for row, i in enumerate(chunk):
             outputs[i] = logits[row] if logits.ndim == 2 else logits[row, :len(features[i].input_ids)]
         bar.update(len(chunk))
@@ -213,7 +208,7 @@ def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepL
               file=sys.stderr)
 
     def loss_fn(forward: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k != "labels"} | host_arguments(batch)
         loss = task.loss(forward(**inputs), batch) * task.loss_units(batch) / totals["units"]
         return loss, {"tokens": real_tokens(batch).float()}
 

@@ -16,7 +16,7 @@ from bertforge.config import ModelConfig
 from bertforge.dropout import Dropout
 from bertforge.errors import BertforgeError
 from bertforge.model import Bert, activation, init_weights
-from bertforge.packing import layout, pad
+from bertforge.packing import PackedLayout, layout, pad
 
 IGNORE_INDEX = -100  # label value of positions that carry no MLM prediction
 
@@ -71,6 +71,11 @@ def _sequence_starts(sequence_output: Tensor, cu_seqlens: Tensor | None) -> Tens
     return torch.arange(batch, device=sequence_output.device) * length
 
 
+def _layout(input_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | Tensor | None) -> PackedLayout | None:
+    """The layout of a packed input (None when padded), built once for the encoder and a token head's padding."""
+    return None if cu_seqlens is None else layout(cu_seqlens, max_seqlen, total=input_ids.shape[0])
+
+
 class BertForPreTraining(nn.Module):
     """BERT with its MLM and NSP heads (`.bert`, `.mlm`, `.nsp`)."""
 
@@ -85,7 +90,7 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 masked_lm_positions: Tensor | None = None, masked_lm_labels: Tensor | None = None, *,
-                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> PreTrainingOutput:
+                cu_seqlens: Tensor | None = None, max_seqlen: int | Tensor | None = None) -> PreTrainingOutput:
         """input_ids, token_type_ids, attention_mask (B, T) as for `Bert`, or packed (N,) with cu_seqlens.
 
         The MLM head runs only where a prediction is wanted (the vocabulary projection dominates the cost otherwise):
@@ -131,7 +136,7 @@ class BertForSequenceClassification(nn.Module):
         init_weights(self.classifier, config.initializer_range)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | Tensor | None = None) -> Tensor:
         """(B, T) inputs, or packed (N,) with cu_seqlens (see `Bert`) -> logits (B, num_labels)."""
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
                                      max_seqlen=max_seqlen)
@@ -151,14 +156,14 @@ class BertForTokenClassification(nn.Module):
         init_weights(self.classifier, config.initializer_range)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | Tensor | None = None) -> Tensor:
         """(B, T) inputs -> logits (B, T, num_labels). Packed (N,) inputs with cu_seqlens (see `Bert`) give the same
         (B, T, num_labels), T the longest sequence, zero at the padding: the classifier runs on the N real tokens
         and only its few logits are padded, so labels and decoding keep their (B, T) layout."""
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
-                                       max_seqlen=max_seqlen)
+        packed = _layout(input_ids, cu_seqlens, max_seqlen)
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, packed=packed)
         logits = self.classifier(self.dropout(sequence_output))
-        return logits if cu_seqlens is None else pad(logits, layout(cu_seqlens, max_seqlen))
+        return logits if packed is None else pad(logits, packed)
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -172,17 +177,17 @@ class BertForQuestionAnswering(nn.Module):
         init_weights(self.qa_outputs, config.initializer_range)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, T) inputs -> (start_logits (B, T), end_logits (B, T)).
 
         Packed (N,) inputs with cu_seqlens (see `Bert`) give the same (B, T) pair with the dtype's lowest value at
         the padding, so no span can start or end there (the padded form leaves the padding's logits in the softmax).
         """
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, cu_seqlens=cu_seqlens,
-                                       max_seqlen=max_seqlen)
+        packed = _layout(input_ids, cu_seqlens, max_seqlen)
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, packed=packed)
         logits = self.qa_outputs(sequence_output)  # (B, T, 2) or (N, 2)
-        if cu_seqlens is not None:
-            logits = pad(logits, layout(cu_seqlens, max_seqlen), torch.finfo(logits.dtype).min)
+        if packed is not None:
+            logits = pad(logits, packed, torch.finfo(logits.dtype).min)
         start_logits, end_logits = logits.unbind(dim=-1)
         return start_logits, end_logits
 

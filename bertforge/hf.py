@@ -29,12 +29,13 @@ from bertforge.config import ACTIVATIONS, ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
-from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
+from bertforge.run_folder import OutKind, check_out, read_json, write_json, writing_dir
 
 WEIGHTS_NAME = "model.safetensors"
 SHARDED_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
+FIX_FOLDER = "export the model again or fix the file"
 # A sha256 over every tensor (name, dtype, shape, bytes) that export_hf stores in model.safetensors' own header
 # metadata, so a damaged file is caught on load while the folder stays a plain Hugging Face folder (transformers
 # ignores extra metadata keys). Third-party files carry none: there only what safetensors itself checks is caught.
@@ -150,18 +151,6 @@ def config_to_hf(config: ModelConfig, architecture: str, *, labels: Sequence[str
     return data
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BertforgeError(f"{path} is missing; a model folder needs its config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BertforgeError(f"{path} is not valid JSON ({exc}); re-export or fix the file") from None
-    if not isinstance(data, dict):
-        raise BertforgeError(f"{path} must hold a JSON object")
-    return data
-
-
 # ------------------------------------------------------------------------------------------------------ export
 
 def _architecture_of(model: nn.Module) -> str:
@@ -257,7 +246,7 @@ def read_weights(model_dir: Path) -> dict[str, Tensor]:
     if (model_dir / WEIGHTS_NAME).is_file():
         return _load_safetensors(model_dir / WEIGHTS_NAME)
     if (model_dir / SHARDED_INDEX_NAME).is_file():
-        weight_map = read_json(model_dir / SHARDED_INDEX_NAME).get("weight_map")
+        weight_map = read_json(model_dir / SHARDED_INDEX_NAME, fix=FIX_FOLDER).get("weight_map")
         if not isinstance(weight_map, dict):
             raise BertforgeError(f"{model_dir / SHARDED_INDEX_NAME} has no weight_map")
         state: dict[str, Tensor] = {}

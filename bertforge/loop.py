@@ -31,6 +31,7 @@ from tqdm import tqdm
 from bertforge import allocator, checkpoint, distributed
 from bertforge.errors import BertforgeError
 from bertforge.optim import LinearSchedule
+from bertforge.packing import to_device
 from bertforge.precision import describe, resolve_precision
 
 Batch = dict[str, torch.Tensor]
@@ -180,10 +181,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _step_totals(micro_batches: Sequence[Batch], count_fn: Callable[[Batch], dict[str, float]],
                  device: torch.device) -> dict[str, torch.Tensor]:
     """Normalisers of the whole optimizer step (all micro-batches, all processes), computed up front."""
@@ -284,7 +281,7 @@ def _optimizer_step(model: nn.Module, forward_model: nn.Module, micro_batches: S
         no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with autocast_context(device, precision):
-                loss, micro_stats = loss_fn(forward_model, _to_device(micro, device), totals)
+                loss, micro_stats = loss_fn(forward_model, to_device(micro, device), totals)
             # DDP averages gradients over ranks; each rank's loss is its share of the global sum.
             scaler.scale(loss * distributed.world_size()).backward()
         step_loss += loss.detach().float()
@@ -390,9 +387,10 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
           checkpoint_meta: dict[str, Any] | None = None, extra_state: Any = None) -> LoopResult:
     """Runs optimizer steps until `config.max_steps`, the time budget or a stop signal.
 
-    model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on
-    the last micro-batch of a step). extra_state: the stage's own state (`state_dict()`, `load_state_dict()`)
-    that checkpoints keep and restore with the rest. Returns where the run stopped and its last metrics.
+    model: on `device`, optionally DistributedDataParallel-wrapped (gradients then synchronise only on the last
+    micro-batch of a step). monitor: a `monitor.Monitor`, disabled on ranks other than 0. extra_state: the stage's
+    own state (`state_dict()`, `load_state_dict()`) that checkpoints keep and restore with the rest. Returns where
+    the run stopped and its last metrics.
     """
     precision = resolve_precision(config.precision, device)  # refuses fp16 off CUDA before any work
     if distributed.is_main():  # above the stage's progress bar, which is drawn already
@@ -450,19 +448,16 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
                     result.totals[name] = result.totals.get(name, 0.0) + value
                 result.train_seconds += seconds
                 result.train_metrics = record
-                if distributed.is_main():
-                    monitor.log(record)
+                monitor.log(record)
                 postfix = {"loss": record["loss"], "lr": record["lr"], "tok/s": record["tokens_per_s"]}
-            if distributed.is_main():
-                monitor.update(step, postfix)
+            monitor.update(step, postfix)
             if evaluate_fn is not None and not interrupted and (
                     ending or (config.eval_every and step % config.eval_every == 0)):
                 raw_model.eval()
                 with torch.no_grad(), autocast_context(device, precision):
                     result.eval_metrics = evaluate_fn(raw_model)
                 raw_model.train()
-                if distributed.is_main():
-                    monitor.log({"split": "validation", "step": step, **result.eval_metrics})
+                monitor.log({"split": "validation", "step": step, **result.eval_metrics})
             # No periodic save inside a run of non-finite steps: the last good checkpoint stays the newest.
             if ending or (config.save_every and step % config.save_every == 0 and not nonfinite.in_row):
                 result.checkpoint = resumable.save(step)

@@ -193,26 +193,29 @@ class Bert(nn.Module):
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor | None]:
+                *, cu_seqlens: Tensor | None = None, max_seqlen: int | Tensor | None = None,
+                packed: PackedLayout | None = None) -> tuple[Tensor, Tensor | None]:
         """Padded: input_ids (B, T); token_type_ids (B, T), default all 0; attention_mask (B, T) 1 = token,
         0 = padding (or (B, T, T)), default all 1 -> (sequence_output (B, T, H), pooled_output (B, H)).
 
         Packed (`cu_seqlens` given, see `packing.py`): input_ids and token_type_ids (N,), the batch's real tokens
         concatenated; cu_seqlens (B + 1,) int32; max_seqlen the longest length, read from cu_seqlens when not
-        given; no attention_mask -> (sequence_output (N, H), pooled_output (B, H)).
+        given (a device->host synchronisation on a GPU); no attention_mask -> (sequence_output (N, H),
+        pooled_output (B, H)). Or `packed`, the batch's layout already built (`packing.layout`), in place of both.
 
         pooled_output is None without a pooler.
         """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if cu_seqlens is None:
+        if cu_seqlens is not None and packed is None:
+            packed = layout(cu_seqlens, max_seqlen, total=input_ids.shape[0])
+        if packed is None:
             x = self.embeddings(input_ids, token_type_ids)
             sequence_output = self.encoder(x, sdpa_mask(attention_mask))
             first_tokens = sequence_output[:, 0]  # (B, H)
         else:
-            packed = layout(cu_seqlens, max_seqlen)
             x = self.embeddings(input_ids, token_type_ids, packed.rows % packed.max_seqlen)  # positions restart
             sequence_output = self.encoder(x, packed)
-            first_tokens = sequence_output.index_select(0, cu_seqlens[:-1].long())  # (B, H)
+            first_tokens = sequence_output.index_select(0, packed.cu_seqlens[:-1].long())  # (B, H)
         pooled_output = self.pooler(first_tokens) if self.pooler is not None else None
         return sequence_output, pooled_output

@@ -21,8 +21,9 @@ from bertforge.checkpoint import CHECKPOINTS_DIR, latest_complete_checkpoint, ve
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.heads import BertForPreTraining, BertForQuestionAnswering
-from bertforge.hf import (ARCHITECTURES, CONFIG_NAME, PICKLE_NAME, SHARDED_INDEX_NAME, WEIGHTS_NAME, config_from_hf,
-                          from_hf_weights, read_json, read_weights)
+from bertforge.hf import (ARCHITECTURES, CONFIG_NAME, FIX_FOLDER, PICKLE_NAME, SHARDED_INDEX_NAME, WEIGHTS_NAME,
+                          config_from_hf, from_hf_weights, read_weights)
+from bertforge.run_folder import read_json
 from bertforge.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -128,7 +129,7 @@ def _read_folder(path: str | Path) -> tuple[ModelConfig, dict[str, Any], dict[st
         config_file = next((p for p in (model_dir / CONFIG_NAME, run_dir / CONFIG_NAME) if p.is_file()), None)
         if config_file is None:
             raise BertforgeError(f"no config.json in checkpoint {model_dir} or its run folder {run_dir}")
-        run_config = read_json(config_file)
+        run_config = read_json(config_file, fix=FIX_FOLDER)
         if not isinstance(run_config.get("model"), dict):
             raise BertforgeError(f"{config_file} has no \"model\" section; cannot tell the checkpoint's architecture")
         config = ModelConfig.from_dict(run_config["model"], source=str(config_file), strict=False)
@@ -138,7 +139,7 @@ def _read_folder(path: str | Path) -> tuple[ModelConfig, dict[str, Any], dict[st
                 data_dirs.append(Path(section["data"]))
         vocab_dir = _find_vocab([model_dir, run_dir, run_dir / "tokenizer", *data_dirs])
         return config, {}, read_weights(model_dir), vocab_dir, notes
-    hf_config = read_json(model_dir / CONFIG_NAME)
+    hf_config = read_json(model_dir / CONFIG_NAME, fix=FIX_FOLDER)
     config = config_from_hf(hf_config, str(model_dir / CONFIG_NAME))
     state = from_hf_weights(read_weights(model_dir), notes)
     return config, hf_config, state, _find_vocab([model_dir]), notes

@@ -260,15 +260,13 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, se
 def peak_flops(device: str | torch.device = "cpu", precision: str = "fp32") -> tuple[float, str]:
     """Peak matmul FLOP/s for `device` at `precision` ("fp32" | "bf16" | "fp16") and where the figure comes from."""
     device = torch.device(device)
-    low = precision in ("bf16", "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, (fp32, half) in CUDA_PEAK_FLOPS.items():
             if fragment in name:
-                return (half if low else fp32), f"{name} datasheet"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+                return (fp32 if dtype == torch.float32 else half), f"{name} datasheet"
         return measure_matmul_peak(dtype, 4096, 0.5, str(device)), f"{name}, measured"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return measure_matmul_peak(dtype), f"{precision} matmul on {torch.get_num_threads()} CPU threads, measured"
 
 

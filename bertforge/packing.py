@@ -2,6 +2,9 @@
 
 A packed batch holds `input_ids` and `token_type_ids` as (N,) with N = the batch's real tokens, and
 `cu_seqlens` (B + 1,) int32, the cumulative sequence lengths: sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1].
+The collate functions add `max_seqlen`, the longest length as a 0-d tensor that stays on the host (`HOST_KEYS`):
+the layout needs it as a Python int, and read from cu_seqlens on a GPU it would cost a device->host
+synchronisation on every forward pass (N, the other number it needs, is the inputs' length).
 Every token-wise layer (embeddings, the Q/K/V and output projections, the feed-forward block, LayerNorm, the heads)
 then runs on (N, H) and spends nothing on padding; a random SST-2 batch of 32 holds about 3.3 padded positions per
 real token (MosaicBERT's `bert_padding.py` and ModernBERT do the same).
@@ -46,11 +49,49 @@ class PackedLayout(NamedTuple):
         return self.cu_seqlens.shape[0] - 1
 
 
-def lengths_to_cu_seqlens(lengths: Sequence[int]) -> Tensor:
-    """Sequence lengths (B,) -> cumulative lengths (B + 1,) int32, starting at 0."""
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
-    return cu_seqlens
+def pad_rows(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]],
+             pad_id: int) -> dict[str, Tensor]:
+    """Sequences padded to the longest: input_ids (B, T) padded with `pad_id`, token_type_ids and attention_mask
+    (B, T) padded with 0; int64."""
+    shape = (len(input_ids), max(len(ids) for ids in input_ids))
+    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.int64), "token_type_ids": torch.zeros(shape).long(),
+             "attention_mask": torch.zeros(shape).long()}
+    for row, (ids, types) in enumerate(zip(input_ids, token_type_ids)):
+        batch["input_ids"][row, :len(ids)] = torch.as_tensor(ids)
+        batch["token_type_ids"][row, :len(ids)] = torch.as_tensor(types)
+        batch["attention_mask"][row, :len(ids)] = 1
+    return batch
+
+
+def pack_rows(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """Sequences packed: input_ids and token_type_ids (N,) int64, their tokens concatenated, with cu_seqlens and
+    max_seqlen (`length_entries`)."""
+    return {"input_ids": torch.cat([torch.as_tensor(ids, dtype=torch.int64) for ids in input_ids]),
+            "token_type_ids": torch.cat([torch.as_tensor(types, dtype=torch.int64) for types in token_type_ids]),
+            **length_entries([len(ids) for ids in input_ids])}
+HOST_KEYS = frozenset({"max_seqlen"})
+"""Batch entries that `to_device` leaves on the CPU: Python numbers the model needs, free to read there."""
+
+
+def length_entries(lengths: Sequence[int]) -> dict[str, Tensor]:
+    """The entries of a packed batch that say where its sequences lie, from their lengths (B,) known on the host:
+    cu_seqlens (B + 1,) int32, the cumulative lengths from 0, and max_seqlen, 0-d int64 (a `HOST_KEYS` entry)."""
+    counts = torch.as_tensor(lengths, dtype=torch.int64)  # (B,)
+    cu_seqlens = torch.zeros(counts.shape[0] + 1, dtype=torch.int32)
+    cu_seqlens[1:] = counts.cumsum(0)
+    return {"cu_seqlens": cu_seqlens, "max_seqlen": counts.max()}
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A collated batch on `device`, its `HOST_KEYS` entries left on the CPU."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def host_arguments(batch: dict[str, Tensor]) -> dict[str, int]:
+    """The batch's `HOST_KEYS` entries as the Python ints the model takes: {"max_seqlen": T} for a packed batch
+    from the collate functions, {} otherwise. Passed as tensors instead, DistributedDataParallel would copy them to
+    the GPU and the model's read would synchronise with it."""
+    return {k: int(batch[k]) for k in HOST_KEYS if k in batch}
 
 
 def positions(cu_seqlens: Tensor, total: int) -> Tensor:
@@ -60,12 +101,14 @@ def positions(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
 
 
-def layout(cu_seqlens: Tensor, max_seqlen: int | None = None) -> PackedLayout:
-    """The `PackedLayout` of a batch; `max_seqlen` (the longest sequence) is read from cu_seqlens when not given."""
+def layout(cu_seqlens: Tensor, max_seqlen: int | Tensor | None = None, total: int | None = None) -> PackedLayout:
+    """The `PackedLayout` of a batch. max_seqlen (the longest sequence: an int or the batch's 0-d host tensor) and
+    total (N, the packed rows) are read from cu_seqlens when not given, each a device->host synchronisation on
+    a GPU; the model passes both (N is its inputs' length)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-    if max_seqlen is None:
-        max_seqlen = int(lengths.max())
-    total = int(cu_seqlens[-1])
+    max_seqlen = int(lengths.max() if max_seqlen is None else max_seqlen)
+    if total is None:
+        total = int(cu_seqlens[-1])
     batch = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
                                     output_size=total)  # (N,) sequence index of each token
     rows = batch * max_seqlen + positions(cu_seqlens, total)

@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertforge import checkpoint, distributed
-from bertforge.config import PRESETS, ModelConfig, resolve_model_config
+from bertforge.config import ModelConfig, check_options, resolve_model_config
 from bertforge.data.dataset import PretrainData, PretrainDataset, collate_pretrain
 from bertforge.errors import BertforgeError
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf
-from bertforge.loop import LoopConfig, StepLoader, autocast_context, train
+from bertforge.loop import LoopConfig, LoopResult, StepLoader, autocast_context, train
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
-from bertforge.packing import real_tokens
+from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
-from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, run_settings,
+from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, read_json, run_settings,
                                  write_json_atomic)
 from bertforge.tokenizer import load_tokenizer
 
@@ -95,23 +95,13 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, Path(value).absolute())
-        for name in ("batch_size", "grad_accum", "log_every", "max_steps", "eval_every", "save_every", "keep_last",
-                     "eval_batches"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("lr", "epochs", "max_minutes", "dist_timeout"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise BertforgeError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise BertforgeError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
-        if not 0 <= self.weight_decay < 1:
-            raise BertforgeError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
-        if not 0 < self.nan_lr_factor <= 1:
-            raise BertforgeError(f"--nan-lr-factor must be in (0, 1], got {self.nan_lr_factor}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise BertforgeError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_options(self, "at least 1", lambda v: v >= 1, "batch_size", "grad_accum", "log_every", "max_steps",
+                      "eval_every", "save_every", "keep_last", "eval_batches")
+        check_options(self, "a positive number", lambda v: v > 0 and math.isfinite(v), "lr", "epochs", "max_minutes",
+                      "dist_timeout")
+        check_options(self, "0 or more", lambda v: v >= 0, "warmup_steps")
+        check_options(self, "in [0, 1)", lambda v: 0 <= v < 1, "weight_decay", "dropout")
+        check_options(self, "in (0, 1]", lambda v: 0 < v <= 1, "nan_lr_factor")
         choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": ("auto", "cpu", "cuda"),
                    "on_nan": ("stop", "rollback")}
         for name, allowed in choices.items():
@@ -138,21 +128,12 @@ class PretrainConfig:
 
 
 @dataclass
-class RunResult:
-    """Where a run ended and what it wrote."""
+class RunResult(LoopResult):
+    """Where a run ended (the loop's result) and what it wrote: RUN/model (None when interrupted), a summary."""
 
-    run_dir: Path
-    step: int
-    stop_reason: str                    # "max_steps" | "time_budget" | "signal"
-    checkpoint: Path | None
-    model_dir: Path | None              # RUN/model (None when interrupted)
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
+    run_dir: Path = Path()
+    model_dir: Path | None = None
     summary: str = ""
-
-    @property
-    def interrupted(self) -> bool:
-        return self.stop_reason == "signal"
 
 
 # ---------------------------------------------------------------------------------------------- loss + metrics
@@ -163,28 +144,31 @@ def count_targets(batch: dict[str, torch.Tensor]) -> dict[str, float]:
             "sequences": float(batch["next_sentence_label"].numel())}
 
 
+def _mlm_nsp_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MLM and NSP cross-entropy sums, correct predictions and counts over a batch (collate_pretrain output:
+    (B, T) / (B, P) / (B,), padded or packed)."""
+    labels, nsp_labels = batch["masked_lm_labels"], batch["next_sentence_label"]  # (B, P) with -100 = padding, (B,)
+    output = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"),
+                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"), **host_arguments(batch))
+    targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
+    mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
+    return {"mlm_ce": F.cross_entropy(mlm_logits, targets, reduction="sum"),
+            "mlm_correct": (mlm_logits.argmax(-1) == targets).sum(),
+            "mlm_count": torch.tensor(targets.numel(), device=targets.device),
+            "nsp_ce": F.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
+            "nsp_correct": (nsp_logits.argmax(-1) == nsp_labels).sum(),
+            "nsp_count": torch.tensor(nsp_labels.numel(), device=targets.device)}
+
+
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step loss: sum(MLM CE) / step masked + sum(NSP CE) / step sequences.
 
-    batch: collate_pretrain output (B, T) / (B, P) / (B,), padded or packed. Returns the loss and additive statistics.
+    Returns the loss and additive statistics.
     """
-    labels = batch["masked_lm_labels"]  # (B, P), -100 = padding
-    output = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"),
-                   batch["masked_lm_positions"], labels, cu_seqlens=batch.get("cu_seqlens"))
-    targets = labels[labels != IGNORE_INDEX]  # (M,), the row order of mlm_logits
-    mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()  # (M, V), (B, 2)
-    mlm_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
-    nsp_sum = F.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="sum")
-    mlm_loss, nsp_loss = mlm_sum / totals["masked"], nsp_sum / totals["sequences"]
-    with torch.no_grad():
-        stats = {"mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
-                 "mlm_correct": (mlm_logits.argmax(-1) == targets).sum(),
-                 "mlm_count": torch.tensor(targets.numel(), device=targets.device),
-                 "nsp_correct": (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum(),
-                 "nsp_count": torch.tensor(nsp_logits.shape[0], device=targets.device),
-                 "tokens": real_tokens(batch)}
-    return mlm_loss + nsp_loss, stats
+    sums = _mlm_nsp_sums(model, batch)
+    mlm_loss, nsp_loss = sums.pop("mlm_ce") / totals["masked"], sums.pop("nsp_ce") / totals["sequences"]
+    return mlm_loss + nsp_loss, {"mlm_loss": mlm_loss, "nsp_loss": nsp_loss, **sums, "tokens": real_tokens(batch)}
 
 
 def pretraining_metrics(summed: dict[str, float], steps: int) -> dict[str, float]:
@@ -207,17 +191,8 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # mlm CE, correct, count; nsp CE, correct, count
     for index in range(distributed.rank(), num_batches, distributed.world_size()):
         items = [store[i] for i in range(index * batch_size, min(len(store), (index + 1) * batch_size))]
-        batch = {k: v.to(device) for k, v in collate_pretrain(items, pad_id, packed=True).items()}
-        labels = batch["masked_lm_labels"]
-        output = model(batch["input_ids"], batch["token_type_ids"], None, batch["masked_lm_positions"], labels,
-                       cu_seqlens=batch["cu_seqlens"])
-        targets, nsp_labels = labels[labels != IGNORE_INDEX], batch["next_sentence_label"]
-        mlm_logits, nsp_logits = output.mlm_logits.float(), output.nsp_logits.float()
-        sums += torch.stack([F.cross_entropy(mlm_logits, targets, reduction="sum"),
-                             (mlm_logits.argmax(-1) == targets).sum(), torch.tensor(targets.numel(), device=device),
-                             F.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
-                             (nsp_logits.argmax(-1) == nsp_labels).sum(),
-                             torch.tensor(nsp_labels.numel(), device=device)]).double()
+        batch = to_device(collate_pretrain(items, pad_id, packed=True), device)
+        sums += torch.stack([value.double() for value in _mlm_nsp_sums(model, batch).values()])
     mlm_ce, mlm_correct, mlm_count, nsp_ce, nsp_correct, nsp_count = distributed.all_reduce_sum(sums).tolist()
     if nsp_count == 0:
         raise BertforgeError("the validation split holds no instances; prepare with --validation-fraction > 0")
@@ -231,14 +206,11 @@ def evaluate_model(model: nn.Module, store: Any, *, batch_size: int, device: tor
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         raise BertforgeError(f"{run_dir} holds no bertforge run ({CONFIG_FILE} missing); nothing to resume — "
-                             "start it without --resume") from None
-    except (OSError, ValueError) as exc:
-        raise BertforgeError(f"{path} is unreadable ({exc}); start a new run with --overwrite") from None
-    if not isinstance(saved, dict) or saved.get("kind") != RUN_KIND:
+                             "start it without --resume")
+    saved = read_json(path, fix="start a new run with --overwrite")
+    if saved.get("kind") != RUN_KIND:
         raise BertforgeError(f"{path} is not a bertforge pre-training run config; choose another --out")
     return saved
 
@@ -282,18 +254,6 @@ def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: st
 
 # ---------------------------------------------------------------------------------------------- model
 
-def _model_config(config: PretrainConfig, data: PretrainData) -> ModelConfig:
-    """The architecture: a preset or CONFIG.json (vocab_size from DATA unless the file sets it)."""
-    if config.model in PRESETS:
-        model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
-    else:
-        model_config = resolve_model_config(config.model)
-        raw = json.loads(Path(config.model).read_text(encoding="utf-8"))
-        if "vocab_size" not in raw:
-            model_config = model_config.replace(vocab_size=data.vocab_size)
-    return model_config.with_dropout(config.dropout)
-
-
 def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str) -> None:
     if model_config.vocab_size < data.vocab_size:
         raise BertforgeError(f"{source} has vocab_size {model_config.vocab_size} but {data.path} uses "
@@ -306,7 +266,8 @@ def _check_fits_data(model_config: ModelConfig, data: PretrainData, source: str)
 def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPreTraining, ModelConfig]:
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights
     if config.init is None:
-        model_config = _model_config(config, data)
+        # A size, or a CONFIG.json (architecture only): vocab_size from DATA unless the file sets it.
+        model_config = resolve_model_config(config.model, vocab_size=data.vocab_size).with_dropout(config.dropout)
         _check_fits_data(model_config, data, f"--model {config.model}")
         return BertForPreTraining(model_config), model_config
     loaded = load_model(config.init)
@@ -479,9 +440,7 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
                                 device=device, precision=result.precision, train_metrics=result.train_metrics,
                                 eval_metrics=result.eval_metrics, model_dir=model_dir)
     distributed.barrier()
-    return RunResult(run_dir=config.out, step=result.step, stop_reason=result.stop_reason,
-                     checkpoint=result.checkpoint, model_dir=model_dir, train_metrics=result.train_metrics,
-                     eval_metrics=result.eval_metrics, summary=summary)
+    return RunResult(**vars(result), run_dir=config.out, model_dir=model_dir, summary=summary)
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 32, device: str = "auto",

@@ -85,6 +85,20 @@ def write_json(path: Path, value: Any, *, indent: int = 2, sort_keys: bool = Tru
                     encoding="utf-8")
 
 
+def read_json(path: Path, *, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a missing or unreadable file, or one holding anything but an object, is one
+    BertforgeError that ends with what to do (`fix`)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BertforgeError(f"{path} does not exist; {fix}") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
+        raise BertforgeError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise BertforgeError(f"{path} must hold a JSON object; {fix}")
+    return data
+
+
 def write_json_atomic(path: Path, value: Any, *, indent: int = 2, sort_keys: bool = True) -> None:
     """`write_json` under a temporary name beside `path`, then `publish_file`."""
     tmp = path.with_name(path.name + ".tmp")

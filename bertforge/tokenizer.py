@@ -16,7 +16,6 @@ Training is deterministic too: the same corpus and options give the same files.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from collections import Counter
@@ -32,12 +31,13 @@ from tqdm import tqdm
 
 from bertforge.data.corpus import CorpusStats, expand_inputs, iter_documents
 from bertforge.errors import BertforgeError
-from bertforge.run_folder import OutKind, check_out, write_json, writing_dir
+from bertforge.run_folder import OutKind, check_out, read_json, write_json, writing_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")   # same order as above
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_MAX_LENGTH = 512
+_FIX = "give a tokenizer folder that bertforge or transformers saved"
 # The code points BERT's normalizer makes words of their own (Google's tokenization._is_chinese_char), two or more.
 _CJK_WORD = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b73f\U0002b740-\U0002b81f"
                        "\U0002b820-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f]{2,}")
@@ -146,16 +146,6 @@ class Tokenizer:
         write_json(out / "special_tokens_map.json", self.special_tokens)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BertforgeError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BertforgeError(f"{path} is not a JSON object")
-    return data
-
-
 def read_vocab(path: Path) -> list[str]:
     """The entries of a BERT vocab.txt, one per line, in id order."""
     try:
@@ -191,17 +181,17 @@ def load_tokenizer(path: str | Path, cased: bool | None = None) -> Tokenizer:
         return Tokenizer(read_vocab(path), do_lower_case=not cased)
     if not path.is_dir():
         raise BertforgeError(f"no such tokenizer: {path} (give a tokenizer folder or a vocab.txt)")
-    config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    config = read_json(path / "tokenizer_config.json", fix=_FIX) if (path / "tokenizer_config.json").is_file() else {}
     special = _special_tokens_from(config)
     if (path / "special_tokens_map.json").is_file():
-        special |= _special_tokens_from(_read_json(path / "special_tokens_map.json"))
+        special |= _special_tokens_from(read_json(path / "special_tokens_map.json", fix=_FIX))
     normalizer: dict = {}
     if (path / "vocab.txt").is_file():
         vocab = read_vocab(path / "vocab.txt")
         if (path / "tokenizer.json").is_file():
-            normalizer = _read_json(path / "tokenizer.json").get("normalizer") or {}
+            normalizer = read_json(path / "tokenizer.json", fix=_FIX).get("normalizer") or {}
     elif (path / "tokenizer.json").is_file():
-        backend = _read_json(path / "tokenizer.json")
+        backend = read_json(path / "tokenizer.json", fix=_FIX)
         model = backend.get("model") or {}
         if model.get("type") != "WordPiece":
             raise BertforgeError(f"{path / 'tokenizer.json'} is not a WordPiece (BERT) tokenizer")

@@ -13,7 +13,8 @@ from bertforge.data.dataset import collate_pretrain
 from bertforge.heads import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
                              BertForTokenClassification)
 from bertforge.pretrain import count_targets, pretraining_loss
-from bertforge.tasks.base import IGNORE_INDEX, Feature, pack_features, pad_features
+from bertforge.tasks import TASKS, TaskOptions
+from bertforge.tasks.base import IGNORE_INDEX, Feature, collate_features, pack_features, pad_features
 
 MAX_POSITIONS = 40
 LENGTH_SETS = {
@@ -159,6 +160,7 @@ def test_pack_features_concatenates_and_positions_restart_per_sequence():
     assert packed["input_ids"].tolist() == [5, 6, 7, 8, 9, 10]
     assert packed["token_type_ids"].tolist() == [0, 0, 1, 0, 0, 1]
     assert packed["cu_seqlens"].dtype == torch.int32 and packed["cu_seqlens"].tolist() == [0, 3, 4, 6]
+    assert packed["max_seqlen"].shape == () and int(packed["max_seqlen"]) == 3
     assert packed["labels"].tolist() == [1, 0, 1]
     assert packing.positions(packed["cu_seqlens"], 6).tolist() == [0, 1, 2, 0, 0, 1]
     layout = packing.layout(packed["cu_seqlens"])
@@ -245,6 +247,7 @@ def test_packed_pretraining_batches_give_the_padded_loss_and_gradients():
     assert packed["input_ids"].tolist() == padded["input_ids"][real].tolist()
     assert packed["token_type_ids"].tolist() == padded["token_type_ids"][real].tolist()
     assert packed["cu_seqlens"].tolist() == [0, 12, 14, 14 + MAX_POSITIONS, 19 + MAX_POSITIONS]
+    assert packed["max_seqlen"].shape == () and int(packed["max_seqlen"]) == MAX_POSITIONS
     for name in ("masked_lm_positions", "masked_lm_labels", "next_sentence_label"):
         assert torch.equal(packed[name], padded[name]), name
     torch.manual_seed(8)
@@ -255,3 +258,70 @@ def test_packed_pretraining_batches_give_the_padded_loss_and_gradients():
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     assert int(packed_stats["tokens"]) == int(padded_stats["tokens"]) == 19 + MAX_POSITIONS
     assert_same_gradients(model, padded_loss, packed_loss)
+
+
+# ------------------------------------------------------------------ no device->host reads on the packed hot path
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__int__,
+              torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.__bool__}
+
+
+class OnDevice(torch.Tensor):
+    """A batch tensor as if it lived on a GPU: reading its values into Python, or those of any tensor computed from
+    it, fails, because on CUDA each such read makes the host wait for the device."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise AssertionError(f"device->host read: Tensor.{func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `packing.to_device` gives on a GPU: every entry but the host-side ones becomes `OnDevice`."""
+    return {k: v if k in packing.HOST_KEYS else v.as_subclass(OnDevice) for k, v in batch.items()}
+
+
+def finetune_step(model: torch.nn.Module, task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The forward and loss of `finetune`'s loss function on a batch."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | packing.host_arguments(batch)
+    return task.loss(model(**inputs), batch)
+
+
+def packed_workloads():
+    """(model, packed batch from the real collate function, step) for each head family."""
+    def batch(label: str) -> dict[str, torch.Tensor]:
+        return collate_features(features(LENGTH_SETS["mixed"], label), pad_id=0)
+
+    classify, ner, qa = (TASKS["classify"](TaskOptions(), label_names=["0", "1"]),
+                         TASKS["ner"](TaskOptions(), label_names=["O", "B-X", "I-X"]), TASKS["qa"](TaskOptions()))
+    items = pretraining_items([12, 2, MAX_POSITIONS, 5])
+    totals = {name: torch.tensor(value) for name, value in count_targets(collate_pretrain(items)).items()}
+    return {
+        "classify": (BertForSequenceClassification(config(), num_labels=2), batch("class"),
+                     lambda m, b: finetune_step(m, classify, b)),
+        "ner": (BertForTokenClassification(config(), num_labels=3), batch("token"),
+                lambda m, b: finetune_step(m, ner, b)),
+        "qa": (BertForQuestionAnswering(config()), batch("span"), lambda m, b: finetune_step(m, qa, b)),
+        "pretrain": (BertForPreTraining(config()), collate_pretrain(items, pad_id=0, packed=True),
+                     lambda m, b: pretraining_loss(m, b, totals)[0]),
+    }
+
+
+@pytest.mark.parametrize("family", ["classify", "ner", "qa", "pretrain"])
+def test_packed_forward_and_loss_read_nothing_from_the_device_given_max_seqlen(family):
+    torch.manual_seed(9)
+    model, batch, step = packed_workloads()[family]
+    assert batch["max_seqlen"].device.type == "cpu"
+    without_max_seqlen = {k: v for k, v in batch.items() if k != "max_seqlen"}
+    expected = step(model, without_max_seqlen)  # the public form: max_seqlen read from cu_seqlens
+    torch.testing.assert_close(step(model, on_device(batch)).as_subclass(torch.Tensor), expected, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="device->host read"):  # the check sees the read it guards against
+        step(model, on_device(without_max_seqlen))
+
+
+def test_to_device_keeps_the_host_entries_on_the_cpu():
+    batch = packing.to_device(collate_features(features([3, 5], "class"), 0), torch.device("meta"))
+    assert batch["max_seqlen"].device.type == "cpu"
+    assert {k for k, v in batch.items() if v.device.type == "meta"} == {"input_ids", "token_type_ids", "cu_seqlens",
+                                                                        "labels"}

@@ -46,12 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", required=True, help="training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON; .gz ok)")
     parser.add_argument("--dev", required=True, help="dev file in the same format (scored every epoch)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--eval-batch-size", type=int)
-    parser.add_argument("--warmup-ratio", type=float)
-    parser.add_argument("--weight-decay", type=float)
+    for name in ("epochs", "lr", "batch_size", "eval_batch_size", "warmup_ratio", "weight_decay"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(defaults[name]))  # int or float
     parser.add_argument("--max-seq-len", type=int, help="default 128 (classify, ner) or 384 (qa)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--seeds", type=int_list,

@@ -281,49 +281,50 @@ def _is_cjk(char: str) -> bool:
     return _CJK_CHAR.match(char) is not None
 
 
-def _paragraph_sentences(lines: Iterable[str]) -> Iterator[str]:
-    """Blank lines separate paragraphs; each paragraph's lines are joined and split into sentences."""
-    paragraph: list[str] = []
+def _blocks(lines: Iterable[str]) -> Iterator[list[str]]:
+    """The runs of non-blank lines (stripped) that blank lines separate: `lines` documents, or paragraphs."""
+    block: list[str] = []
     for line in lines:
         line = line.strip()
         if line:
-            paragraph.append(line)
-        elif paragraph:
-            yield from split_sentences(_join_lines(paragraph))
-            paragraph = []
-    if paragraph:
+            block.append(line)
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _paragraph_sentences(lines: Iterable[str]) -> Iterator[str]:
+    """Blank lines separate paragraphs; each paragraph's lines are joined and split into sentences."""
+    for paragraph in _blocks(lines):
         yield from split_sentences(_join_lines(paragraph))
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
 
-def _read_lines(lines: Iterator[str]) -> Iterator[list[str]]:
-    document: list[str] = []
-    for line in lines:
-        line = line.strip()
-        if line:
-            document.append(line)
-        elif document:
-            yield document
-            document = []
-    if document:
-        yield document
-
-
 def _read_text(lines: Iterator[str]) -> Iterator[list[str]]:
     yield list(_paragraph_sentences(lines))
 
 
-def _read_jsonl(lines: Iterator[str], path: Path) -> Iterator[list[str]]:
+def json_objects(lines: Iterable[str], path: Path, hint: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a line that is not a JSON object is one
+    BertforgeError naming it and ending in `hint`."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BertforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); "
-                                 "use --format lines or text for plain text") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BertforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); {hint}") from None
+        if not isinstance(record, dict):
+            raise BertforgeError(f"{path}:{number}: expected a JSON object per line; {hint}")
+        yield number, record
+
+
+def _read_jsonl(lines: Iterator[str], path: Path) -> Iterator[list[str]]:
+    for number, record in json_objects(lines, path, "use --format lines or text for plain text"):
+        if not isinstance(record.get("text"), str):
             raise BertforgeError(f'{path}:{number}: expected a JSON object with a string "text" field')
         yield list(_paragraph_sentences(record["text"].splitlines()))
 
@@ -370,7 +371,7 @@ def iter_documents(path: Path, fmt: str | None, stats: CorpusStats) -> Iterator[
     stats.formats[str(path)] = fmt
     lines = _iter_lines(path, stats)
     if fmt == "lines":
-        documents = _read_lines(lines)
+        documents = _blocks(lines)
     elif fmt == "text":
         documents = _read_text(lines)
     elif fmt == "jsonl":

@@ -20,9 +20,11 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from bertforge.data.instances import continuation_flags
 from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch
 from bertforge.data.shards import FORMAT_VERSION, KIND, MANIFEST, manifest_checksum
 from bertforge.errors import BertforgeError
+from bertforge.packing import pack_rows, pad_rows
 from bertforge.run_folder import sha256_file
 
 _REDO = "re-run `bertforge prepare` (with --overwrite)"
@@ -218,11 +220,6 @@ class PretrainData:
         return SpecialIds(pad=index["[PAD]"], unk=index["[UNK]"], cls=index["[CLS]"], sep=index["[SEP]"],
                           mask=index["[MASK]"])
 
-    @cached_property
-    def subword_flags(self) -> np.ndarray:
-        """(V,) bool: True for "##" continuation pieces (they join the previous word in whole-word masking)."""
-        return np.array([token.startswith("##") for token in self.vocab], dtype=bool)
-
     def split(self, name: str) -> InstanceStore:
         """The instances of split `name` ("train" | "validation"), memory-mapped."""
         if name not in self.manifest["splits"]:
@@ -254,7 +251,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                                     data.vocab_size)
             self.rule = MaskingRule(masked_lm_prob=data.masked_lm_prob, max_predictions=data.max_predictions,
                                     special=special)
-            self.subword_flags = data.subword_flags if data.whole_word_mask else None
+            self.subword_flags = continuation_flags(data.vocab) if data.whole_word_mask else None
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose masks `__getitem__` draws (dynamic masking only changes anything)."""
@@ -284,24 +281,14 @@ def collate_pretrain(items: list[dict], pad_id: int = 0, *, packed: bool = False
     padded with 0; masked_lm_positions (B, P) padded with 0 and masked_lm_labels (B, P) padded with -100,
     P = the most masks in the batch (at least 1); next_sentence_label (B,).
     Packed: input_ids and token_type_ids (N,), the instances' tokens concatenated, and cu_seqlens (B + 1,) int32
-    in place of attention_mask; the masked positions stay within each instance.
+    and max_seqlen 0-d (`packing.length_entries`) in place of attention_mask; the masked positions stay within
+    each instance.
     """
-    if packed:
-        return _pack_pretrain(items)
-    batch = len(items)
-    length = max(len(item["input_ids"]) for item in items)
-    input_ids = np.full((batch, length), pad_id, dtype=np.int64)
-    token_type_ids = np.zeros((batch, length), dtype=np.int64)
-    attention_mask = np.zeros((batch, length), dtype=np.int64)
-    for b, item in enumerate(items):
-        n = len(item["input_ids"])
-        input_ids[b, :n] = item["input_ids"]
-        token_type_ids[b, :n] = item["token_type_ids"]
-        attention_mask[b, :n] = 1
+    ids, types = [item["input_ids"] for item in items], [item["token_type_ids"] for item in items]
+    batch = pack_rows(ids, types) if packed else pad_rows(ids, types, pad_id)
     positions, labels = _masked_lm_targets(items)
     nsp = np.array([item["next_sentence_label"] for item in items], dtype=np.int64)
-    return {name: torch.from_numpy(array) for name, array in (
-        ("input_ids", input_ids), ("token_type_ids", token_type_ids), ("attention_mask", attention_mask),
+    return batch | {name: torch.from_numpy(array) for name, array in (
         ("masked_lm_positions", positions), ("masked_lm_labels", labels), ("next_sentence_label", nsp))}
 
 
@@ -315,16 +302,3 @@ def _masked_lm_targets(items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         positions[b, :p] = item["masked_lm_positions"]
         labels[b, :p] = item["masked_lm_ids"]
     return positions, labels
-
-
-def _pack_pretrain(items: list[dict]) -> dict[str, torch.Tensor]:
-    lengths = np.array([len(item["input_ids"]) for item in items], dtype=np.int64)
-    cu_seqlens = np.zeros(len(items) + 1, dtype=np.int32)
-    cu_seqlens[1:] = lengths.cumsum()
-    positions, labels = _masked_lm_targets(items)
-    nsp = np.array([item["next_sentence_label"] for item in items], dtype=np.int64)
-    return {name: torch.from_numpy(array) for name, array in (
-        ("input_ids", np.concatenate([item["input_ids"] for item in items]).astype(np.int64)),
-        ("token_type_ids", np.concatenate([item["token_type_ids"] for item in items]).astype(np.int64)),
-        ("cu_seqlens", cu_seqlens), ("masked_lm_positions", positions), ("masked_lm_labels", labels),
-        ("next_sentence_label", nsp))}

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from bertforge.config import check_options
 from bertforge.data.masking import MaskingRule, SpecialTokens, mask_batch, mask_tokens
 from bertforge.data.spill import InstanceBatch
 from bertforge.errors import BertforgeError
@@ -50,14 +51,9 @@ class InstanceOptions:
             raise BertforgeError(f"--max-seq-len must be at least 5 ([CLS] A [SEP] B [SEP]), got {self.max_seq_len}")
         if self.max_seq_len > 65535:
             raise BertforgeError(f"--max-seq-len must be at most 65535, got {self.max_seq_len}")
-        if not 0.0 < self.masked_lm_prob < 1.0:
-            raise BertforgeError(f"--masked-lm-prob must be in (0, 1), got {self.masked_lm_prob}")
-        if not 0.0 <= self.short_seq_prob <= 1.0:
-            raise BertforgeError(f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}")
-        if self.dupe_factor < 1:
-            raise BertforgeError(f"--dupe-factor must be at least 1, got {self.dupe_factor}")
-        if self.max_predictions < 1:
-            raise BertforgeError(f"--max-predictions must be at least 1, got {self.max_predictions}")
+        check_options(self, "in (0, 1)", lambda v: 0 < v < 1, "masked_lm_prob")
+        check_options(self, "in [0, 1]", lambda v: 0 <= v <= 1, "short_seq_prob")
+        check_options(self, "at least 1", lambda v: v >= 1, "dupe_factor", "max_predictions")
 
     def masking(self, special: SpecialTokens) -> MaskingRule:
         return MaskingRule(masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions, special=special)

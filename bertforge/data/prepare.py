@@ -3,7 +3,7 @@
 Steps: read documents (`bertforge.data.corpus`), tokenise them in batches with the tokenizer's Rust
 `encode_batch` into one flat int32 array (`TokenCorpus`), hold out whole documents for validation, generate
 instances (`bertforge.data.instances`), spill them to run files and write them in a random order with bounded
-memory (`bertforge.data.spill`) through `ShardWriter`, then `finalize_data_dir` renames the folder into place.
+memory (`bertforge.data.spill`) through `ShardWriter` into a `run_folder.writing_dir`, renamed into place.
 
 Modes. `exact=True` runs the reference algorithm in one process with one `random.Random(seed)` and reproduces
 Google's create_pretraining_data.py instance for instance (with `validation_fraction=0`). The default fast
@@ -38,15 +38,17 @@ from bertforge.data.corpus import DOCUMENT_DELIMITERS, CorpusStats, expand_input
 from bertforge.data.instances import (InstanceOptions, TokenCorpus, continuation_flags, final_permutation,
                                       generate_exact, generate_fast)
 from bertforge.data.masking import SpecialTokens
-from bertforge.data.shards import ShardWriter, check_out_dir, finalize_data_dir, token_dtype
+from bertforge.data.shards import ShardWriter, check_out_dir, token_dtype, write_manifest
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
+from bertforge.run_folder import writing_dir
 from bertforge.tokenizer import Tokenizer, load_tokenizer
 
 _ENCODE_SENTENCES = 8192   # sentences per encode_batch call
 _RUN_INSTANCES = 32768     # instances a fast task shuffles in memory before writing a run (bounds memory)
 _TASK_TOKENS = 1 << 20     # about this many corpus tokens per fast task (at least 16 tasks per split)
 SPLITS = ("train", "validation")
+_INSTANCE_COUNTS = ("instances", "is_random_next", "truncated_instances", "short_target_instances", "masks")
 
 
 def prepare(inputs: Sequence[str | Path] | None, tokenizer: Tokenizer | str | Path, out: str | Path, *,
@@ -110,12 +112,11 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
     if warning is not None:
         print(f"bertforge: warning: {warning}", file=sys.stderr, flush=True)
 
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp, spill = work / "data", work / "spill"
     special = SpecialTokens(tok.cls_id, tok.sep_id, tok.mask_id, len(tok.vocab))
     split_counts: dict[str, dict[str, int]] = {}
-    try:
-        spill.mkdir(parents=True)
+    with writing_dir(out, what="DATA folder", then="free space or fix the folder and prepare again") as tmp:
+        spill = tmp / ".spill"  # the run files of the shuffles, gone before the folder is published
+        spill.mkdir()
         tok.save(tmp)
         for index, name in enumerate(SPLITS):
             documents = split_docs[index]
@@ -127,12 +128,12 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
                        _generate_fast(corpus, documents, options, special, seed, index, spill, workers, show_progress))
             split_counts[name] = {"documents": int(len(documents)), **_write(batches, writer)}
             writer.close()
+        shutil.rmtree(spill)
         manifest = _manifest(tok, files, stats, counts, options, split_counts, seed=seed, exact=exact,
                              chinese_wwm=chinese_wwm, validation_fraction=validation_fraction, workers=workers,
                              fmt=fmt, elapsed=time.perf_counter() - started)
-        finalize_data_dir(tmp, out, manifest, overwrite=overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_manifest(tmp, manifest)
+        check_out_dir(out, overwrite=overwrite)  # the folder may have changed while we prepared
     return manifest
 
 
@@ -385,8 +386,7 @@ def _quiet_tokenizers_fork() -> Iterator[None]:
 
 def _write(batches: Iterator[InstanceBatch], writer: ShardWriter) -> dict[str, int]:
     """Feed batches to the ShardWriter as flat arrays; returns the split's instance counts."""
-    counts = dict.fromkeys(("instances", "is_random_next", "truncated_instances", "short_target_instances",
-                            "masks"), 0)
+    counts = dict.fromkeys(_INSTANCE_COUNTS, 0)
     for batch in batches:
         writer.add_batch(batch)
         counts["instances"] += len(batch)
@@ -405,8 +405,7 @@ def _manifest(tok: Tokenizer, files: Sequence[Path], stats: CorpusStats, counts:
     formats: dict[str, int] = {}
     for chosen in stats.formats.values():
         formats[chosen] = formats.get(chosen, 0) + 1
-    totals = {key: sum(split[key] for split in split_counts.values())
-              for key in ("instances", "is_random_next", "truncated_instances", "short_target_instances", "masks")}
+    totals = {key: sum(split[key] for split in split_counts.values()) for key in _INSTANCE_COUNTS}
     return {
         "created_by": f"bertforge {bertforge.__version__}",
         "vocab_hash": tok.vocab_hash, "vocab_size": len(tok.vocab), "do_lower_case": tok.do_lower_case,

@@ -20,8 +20,8 @@ Fields of one shard holding n instances with t tokens and m masked positions in 
 Raw files (not .npy) so that `ShardWriter` can stream: it appends chunk by chunk and hashes the bytes as it
 writes them, so its memory does not grow with the number of instances. Dtypes and counts live in the manifest.
 
-Atomicity: everything is written into a temporary folder; `finalize_data_dir` writes `manifest.json` last,
-fsyncs, and renames the folder into place, so an interrupted `prepare` never leaves a folder that looks complete.
+Atomicity: everything is written into a temporary folder; `write_manifest` writes `manifest.json` last, then the
+folder is fsynced and renamed into place, so an interrupted `prepare` never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from bertforge.data.spill import InstanceBatch
 from bertforge.run_folder import OutKind, check_out, publish_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -62,19 +63,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def field_dtype(field: str, vocab_size: int) -> np.dtype:
     kind = FIELDS[field]
     return token_dtype(vocab_size) if kind == "token" else np.dtype(kind)
-
-
-class FlatInstances(Protocol):
-    """Instances as flat arrays, named like the shard fields (n instances, t tokens, m masks)."""
-
-    ids: np.ndarray               # (t,)
-    offsets: np.ndarray           # (n + 1,) starting at 0
-    a_len: np.ndarray             # (n,)
-    is_random_next: np.ndarray    # (n,) bool
-    mask_offsets: np.ndarray      # (n + 1,) starting at 0
-    masked_positions: np.ndarray  # (m,)
-    masked_ids: np.ndarray        # (m,)
-    replacement_ids: np.ndarray   # (m,)
 
 
 class _HashedFile:
@@ -131,8 +119,9 @@ class ShardWriter:
         self._shard_max = [0, 0]        # longest instance, most masks in the open shard
         self._closed = False
 
-    def add_batch(self, batch: FlatInstances) -> None:
-        """Appends many instances given as flat arrays (the layout of the shard files; e.g. an InstanceBatch)."""
+    def add_batch(self, batch: InstanceBatch) -> None:
+        """Appends many instances given as flat arrays, the layout of the shard files (an InstanceBatch, or any
+        object with its arrays ids ... replacement_ids)."""
         if self._closed:
             raise ValueError("ShardWriter is closed")
         offsets = np.asarray(batch.offsets, dtype=np.int64)
@@ -282,16 +271,21 @@ def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
 
 
 def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, *, overwrite: bool) -> None:
-    """Completes a DATA folder: shard table + manifest.json (last, fsynced), then an atomic rename tmp → out.
+    """`write_manifest`, then an atomic rename tmp → out. An existing DATA folder at `out_dir` is replaced only
+    with `overwrite`: moved aside, the new one renamed in, then the old one deleted."""
+    check_out_dir(out_dir, overwrite=overwrite)
+    write_manifest(Path(tmp_dir), manifest)
+    publish_dir(Path(tmp_dir), Path(out_dir))
+
+
+def write_manifest(tmp: Path, manifest: dict) -> None:
+    """Completes the DATA folder being written in `tmp`: shard table + manifest.json (last).
 
     `manifest` holds the caller's fields (vocab_hash, do_lower_case, options, counts, ...); this function sets
     `kind`, `format_version`, `storage`, `shards` (every shard file with dtype, count, bytes, sha256), per-split
     totals under `splits` (merged into any per-split dict the caller gives), `files` (the other files in the
-    folder, e.g. vocab.txt, with bytes and sha256) and `manifest_sha256`. An existing DATA folder at `out_dir`
-    is replaced only with `overwrite`: moved aside, the new one renamed in, then the old one deleted.
+    folder, e.g. vocab.txt, with bytes and sha256) and `manifest_sha256`.
     """
-    tmp, out = Path(tmp_dir), Path(out_dir)
-    check_out_dir(out, overwrite=overwrite)
     records = sorted(tmp.glob(f"*/{_WRITER_RECORD}"))
     if not records:
         raise ValueError(f"{tmp} holds no closed ShardWriter output")
@@ -325,4 +319,3 @@ def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, 
                        for path in others])
     full["manifest_sha256"] = manifest_checksum(full)
     write_json(tmp / MANIFEST, full, indent=1, sort_keys=False)
-    publish_dir(tmp, out)

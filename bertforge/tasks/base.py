@@ -17,8 +17,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from bertforge.config import check_options
 from bertforge.errors import BertforgeError
-from bertforge.packing import lengths_to_cu_seqlens
+from bertforge.packing import pack_rows, pad_rows
 
 log = logging.getLogger("bertforge.finetune")
 
@@ -40,9 +41,7 @@ class TaskOptions:
     lang: str | None = None                      # qa: "en" (SQuAD metrics) | "zh" (CMRC metrics) | None = detect
 
     def __post_init__(self) -> None:
-        for name in ("doc_stride", "max_query_len", "max_answer_len", "n_best"):
-            if getattr(self, name) <= 0:
-                raise BertforgeError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_options(self, "positive", lambda v: v > 0, "doc_stride", "max_query_len", "max_answer_len", "n_best")
         if self.lang not in (None, "en", "zh"):
             raise BertforgeError(f"--lang must be en or zh, got {self.lang!r}")
 
@@ -123,34 +122,16 @@ def collate_features(features: Sequence[Feature], pad_id: int, *, packed: bool =
 
 
 def pad_features(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest member (dynamic padding).
-
-    Returns input_ids, token_type_ids, attention_mask: (B, T) int64; `labels` as `collate_labels`.
-    """
-    longest = max(len(f.input_ids) for f in features)
-    batch_size = len(features)
-    input_ids = torch.full((batch_size, longest), pad_id, dtype=torch.int64)
-    token_type_ids = torch.zeros((batch_size, longest), dtype=torch.int64)
-    attention_mask = torch.zeros((batch_size, longest), dtype=torch.int64)
-    for row, feature in enumerate(features):
-        length = len(feature.input_ids)
-        input_ids[row, :length] = torch.tensor(feature.input_ids)
-        token_type_ids[row, :length] = torch.tensor(feature.token_type_ids)
-        attention_mask[row, :length] = 1
-    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
-    return batch | collate_labels(features)
+    """Pad a batch to its longest member (dynamic padding): `packing.pad_rows`, `labels` as `collate_labels`."""
+    return pad_rows([f.input_ids for f in features], [f.token_type_ids for f in features], pad_id) | \
+        collate_labels(features)
 
 
 def pack_features(features: Sequence[Feature]) -> dict[str, torch.Tensor]:
-    """A packed batch (`bertforge.packing`): the features' tokens concatenated, no padding anywhere in the inputs.
-
-    Returns input_ids, token_type_ids (N,) int64, N = the batch's tokens; cu_seqlens (B + 1,) int32;
-    `labels` as `collate_labels` (per-token labels keep their (B, T) layout: the token heads answer in it).
-    """
-    batch = {"input_ids": torch.tensor([i for f in features for i in f.input_ids], dtype=torch.int64),
-             "token_type_ids": torch.tensor([i for f in features for i in f.token_type_ids], dtype=torch.int64),
-             "cu_seqlens": lengths_to_cu_seqlens([len(f.input_ids) for f in features])}
-    return batch | collate_labels(features)
+    """A packed batch (`packing.pack_rows`): the features' tokens concatenated, no padding anywhere in the inputs;
+    `labels` as `collate_labels` (per-token labels keep their (B, T) layout: the token heads answer in it)."""
+    return pack_rows([f.input_ids for f in features], [f.token_type_ids for f in features]) | \
+        collate_labels(features)
 
 
 def collate_labels(features: Sequence[Feature]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ columns 0, 1, ...; by default the text(s) come first and the label last.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import metrics
+from bertforge.data.corpus import json_objects
 from bertforge.errors import BertforgeError
 from bertforge.tasks.base import (Evaluation, Feature, TaskOptions, base_suffix, check_known_labels,
                                   encode_pieces, open_text, sorted_labels)
@@ -52,15 +52,7 @@ def _read_rows(path: Path, no_header: bool = False) -> tuple[list[str], list[tup
     with open_text(path) as handle:
         if suffix in (".jsonl", ".json"):
             header: list[str] = []
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BertforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); expected one object per line") from None
-                if not isinstance(row, dict):
-                    raise BertforgeError(f"{path}:{number}: expected a JSON object per line")
+            for number, row in json_objects(handle, path, "give one JSON object per line"):
                 header.extend(k for k in row if k not in header)
                 rows.append((number, {k: ("" if v is None else str(v)) for k, v in row.items()}))
             return header, rows
