@@ -89,8 +89,12 @@ def _part(key: str) -> str:
     return "encoder"
 
 
-def _load_state(model: nn.Module, state: dict[str, Tensor], source: Path, notes: list[str]) -> None:
-    """Load `state` (our names) into `model`; fresh-initialised heads and unused weights are reported in notes."""
+def _load_state(model: nn.Module, state: dict[str, Tensor], source: Path, notes: list[str], *,
+                assign: bool = False) -> None:
+    """Load `state` (our names) into `model`; fresh-initialised heads and unused weights are reported in notes.
+
+    `assign`: the state's tensors become the parameters (for a model built on the meta device: every key given).
+    """
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tensor.shape != expected[key].shape:
@@ -109,7 +113,8 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: Path, notes:
     dtypes = {tensor.dtype for tensor in state.values()} - {torch.float32}
     if dtypes:
         notes.append(f"weights stored as {', '.join(sorted(str(d) for d in dtypes))} were converted to float32")
-    model.load_state_dict({key: tensor.float() for key, tensor in state.items() if key in expected}, strict=False)
+    model.load_state_dict({key: tensor.float() for key, tensor in state.items() if key in expected}, strict=False,
+                          assign=assign)
 
 
 def _find_vocab(dirs: list[Path]) -> Path | None:
@@ -185,16 +190,15 @@ def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int
     folder_architecture = (hf_config.get("architectures") or ["BertForPreTraining"])[0]
     id2label = hf_config.get("id2label") if folder_architecture == architecture else None
     labels = _label_names(id2label, path)
-    if task_class is BertForQuestionAnswering:
-        model: nn.Module = task_class(config)
-    else:
-        if num_labels is None:
-            if labels is None:
-                raise BertforgeError(f"{path} is not a fine-tuned {architecture}; cannot tell how many labels it has")
-            num_labels = len(labels)
-        model = task_class(config, num_labels)
+    if task_class is not BertForQuestionAnswering and num_labels is None:
+        if labels is None:
+            raise BertforgeError(f"{path} is not a fine-tuned {architecture}; cannot tell how many labels it has")
+        num_labels = len(labels)
+    arguments = (config,) if task_class is BertForQuestionAnswering else (config, num_labels)
+    with torch.device("meta"):  # shapes only: no memory, no random draws
+        model: nn.Module = task_class(*arguments)
     head = "qa_outputs." if task_class is BertForQuestionAnswering else "classifier."
-    head_shapes = {key: model.state_dict()[key].shape for key in model.state_dict() if key.startswith(head)}
+    head_shapes = {key: tensor.shape for key, tensor in model.state_dict().items() if key.startswith(head)}
     resized = any(key in state and state[key].shape != shape for key, shape in head_shapes.items())
     if folder_architecture != architecture or resized:
         state = {key: tensor for key, tensor in state.items() if not key.startswith(head)}
@@ -202,7 +206,13 @@ def load_for_task(path: str | Path, task_class: type[nn.Module], num_labels: int
     if resized:
         notes.append(f"the folder's {architecture} head has a different number of labels than the {num_labels} "
                      "wanted; it is replaced by a fresh one")
-    _load_state(model, state, Path(path), notes)
+    if model.state_dict().keys() <= state.keys():
+        # Every weight is in the folder (predict, serve): the tensors read become the parameters. Initialising
+        # first would draw random numbers for every weight (seconds for base) and hold the weights twice.
+        _load_state(model, state, Path(path), notes, assign=True)
+    else:
+        model = task_class(*arguments)  # a fresh head: initialised from the torch seed, as before any load
+        _load_state(model, state, Path(path), notes)
     return LoadedModel(model.eval(), config, vocab_dir, architecture, notes, labels, source=Path(path))
 
 

@@ -332,6 +332,22 @@ def test_task_heads_load_in_transformers(tmp_path, tokenizer, task):
     torch.testing.assert_close(again[0] if task == "qa" else again, ours_out[0] if task == "qa" else ours_out)
 
 
+def test_complete_task_folder_loads_without_random_draws(tmp_path, tokenizer):
+    """A folder holding every weight (what `predict` and `serve` load) is read straight into the parameters:
+    nothing is drawn from the torch seed, and no parameter is left on the meta device it was built on."""
+    torch.manual_seed(10)
+    model = BertForSequenceClassification(ours_pretraining().config, 2).eval()
+    export_hf(model, tokenizer, tmp_path / "task", labels=["neg", "pos"])
+    before = torch.get_rng_state()
+    loaded = load_for_task(tmp_path / "task", BertForSequenceClassification)
+    assert torch.equal(torch.get_rng_state(), before) and loaded.notes == []
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    assert all(p.requires_grad for p in loaded.model.parameters())  # still trainable (fine-tuning it again)
+    inputs = make_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs), model(**inputs), rtol=0, atol=0)
+
+
 def test_load_for_task_from_pretraining_folder(tmp_path, tokenizer):
     ours = ours_pretraining(seed=9)
     export_hf(ours, tokenizer, tmp_path / "pre")
