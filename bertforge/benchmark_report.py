@@ -43,11 +43,14 @@ def _spread(stats: dict[str, Any]) -> str:
 
 
 def _versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
-    """(difference to the baseline, whether it exceeds the larger spread: yes | no | n/a with one seed)."""
+    """(difference to the baseline, whether it exceeds the larger spread: yes | yes (worse) | no | n/a with one
+    seed). A model significantly below the baseline says so: a bare "yes" read as a win."""
     difference = stats["mean"] - base["mean"]
     if stats["std"] is None or base["std"] is None:
         return f"{difference:+.4f}", "n/a"
-    return f"{difference:+.4f}", "yes" if abs(difference) > max(stats["std"], base["std"]) else "no"
+    if abs(difference) <= max(stats["std"], base["std"]):
+        return f"{difference:+.4f}", "no"
+    return f"{difference:+.4f}", "yes" if difference > 0 else "yes (worse)"
 
 
 def _task_section(task: str, family: str, models: dict[str, dict[str, Any]], baseline: str | None,

@@ -305,3 +305,13 @@ def test_rerun_with_a_changed_task_or_model_is_refused(inputs, tmp_path):
         prepare_out(out, record(other_model, specs), resume=False)
     with pytest.raises(BertforgeError, match="--lr-grid"):
         prepare_out(out, record(dataclasses.replace(config, lr_grid=(1e-3,)), specs), resume=False)
+
+
+def test_a_difference_beyond_the_spread_says_whether_it_is_a_loss() -> None:
+    from bertforge.benchmark_report import _versus
+
+    base = {"mean": 0.75, "std": 0.01}
+    assert _versus({"mean": 0.80, "std": 0.02}, base) == ("+0.0500", "yes")
+    assert _versus({"mean": 0.70, "std": 0.02}, base) == ("-0.0500", "yes (worse)")
+    assert _versus({"mean": 0.76, "std": 0.02}, base) == ("+0.0100", "no")
+    assert _versus({"mean": 0.76, "std": None}, base) == ("+0.0100", "n/a")
