@@ -397,7 +397,6 @@ def schedule(jobs: list[Job], work: Path, budget: Budget, record_dir: Path, para
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     while pending or running:
-        record = Record(record_dir)
         for name, (process, started, log) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -416,9 +415,8 @@ def schedule(jobs: list[Job], work: Path, budget: Budget, record_dir: Path, para
                     {"minutes": round(minutes, 1), "cells": results["cells"]}, indent=1) + "\n")
             print(f"[done] {name} in {minutes:.1f} min", flush=True)
         record = Record(record_dir)
-        blocked = {name for name in failed}
         for job in list(pending):
-            if any(need in blocked for need in job.needs):
+            if any(need in failed for need in job.needs):
                 pending.remove(job)
                 failed.append(job.name)
                 continue

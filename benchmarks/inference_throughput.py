@@ -304,13 +304,19 @@ def interleaved(functions: dict[str, Callable[[], Any]], repeats: int) -> tuple[
     return {name: statistics.median(values) for name, values in times.items()}, results
 
 
+def whole_calls(task: str, run: Path, inputs: Path, warm: Path, work: Path, suffix: str,
+                repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Each side's whole call on `inputs` (one warm-up call on `warm` first), interleaved: medians and outputs."""
+    for side, call in CALLS.items():
+        call(task, run, warm, work / f"warm_{side}{suffix}")
+    return interleaved({side: lambda c=call, s=side: c(task, run, inputs, work / f"{s}{suffix}")
+                        for side, call in CALLS.items()}, repeats)
+
+
 def bench_classify(run: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     phrases = sst2_phrases(args.phrases, work / "phrases.tsv")
-    warm = sst2_phrases(64, work / "warm.tsv")
-    for side, call in CALLS.items():
-        call("classify", run, warm, work / f"warm_{side}.tsv")
-    whole, labels = interleaved({side: lambda c=call, s=side: c("classify", run, phrases, work / f"{s}.tsv")
-                                 for side, call in CALLS.items()}, args.repeats)
+    whole, labels = whole_calls("classify", run, phrases, sst2_phrases(64, work / "warm.tsv"), work, ".tsv",
+                                args.repeats)
     ours, theirs = OursModel("classify", run, phrases), TheirsModel("classify", run, phrases)
     model, logits = interleaved({"bertforge": ours, "transformers": theirs}, args.repeats)
     ours_logits = torch.from_numpy(np.stack(logits["bertforge"]))
@@ -330,11 +336,8 @@ def bench_classify(run: Path, args: argparse.Namespace, work: Path) -> dict[str,
 
 def bench_qa(run: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     questions = squad_questions(args.questions, work / "questions.json")
-    warm = squad_questions(8, work / "warm.json")
-    for side, call in CALLS.items():
-        call("qa", run, warm, work / f"warm_{side}.json")
-    whole, _ = interleaved({side: lambda c=call, s=side: c("qa", run, questions, work / f"{s}.json")
-                            for side, call in CALLS.items()}, args.repeats)
+    whole, _ = whole_calls("qa", run, questions, squad_questions(8, work / "warm.json"), work, ".json",
+                           args.repeats)
     ours, theirs = OursModel("qa", run, questions), TheirsModel("qa", run, questions)
     model, results = interleaved({"bertforge": ours, "transformers": theirs}, args.repeats)
     ours_first, theirs_first = ours.first_windows(results["bertforge"]), theirs.first_windows(results["transformers"])
