@@ -287,14 +287,12 @@ def _fmt_metrics(record: dict[str, Any] | None) -> str:
 def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int, wall_seconds: float,
                   tokens: int, seq_len: float, masked_per_seq: float, device: str | torch.device = "cpu",
                   precision: str = "fp32", train_metrics: dict[str, Any] | None = None,
-                  eval_metrics: dict[str, Any] | None = None, model_dir: str | Path | None = None,
-                  curves: str | Path | None = None) -> str:
+                  eval_metrics: dict[str, Any] | None = None, model_dir: str | Path | None = None) -> str:
     """A one-screen summary of a finished run.
 
     `tokens` are the non-padding tokens trained on in `wall_seconds` of training; `seq_len` and
     `masked_per_seq` are their mean per sequence (for `model_flops_per_token`). The final train and validation
-    metrics default to the last lines of `RUN/metrics.jsonl`; `model_dir` and `curves` to `RUN/model` and
-    `RUN/curves.png`.
+    metrics default to the last lines of `RUN/metrics.jsonl`; `model_dir` to `RUN/model`.
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
@@ -317,7 +315,7 @@ def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int,
         f"  train (last)     {_fmt_metrics(train_metrics)}",
         f"  validation       {_fmt_metrics(eval_metrics)}",
         f"  metrics          {run_dir / METRICS_FILE}",
-        f"  curves           {Path(curves) if curves else run_dir / CURVES_FILE}",
+        f"  curves           {run_dir / CURVES_FILE}",
         f"  model            {Path(model_dir) if model_dir else run_dir / 'model'}",
     ]
     return "\n".join(lines)
