@@ -337,8 +337,7 @@ def _summary(config: FinetuneConfig, runs: list[progress.SeedRun], chosen: progr
     """DIR/metrics.json: each dev metric's mean over the seeds (and `_std` with several), the exported seed's
     breakdowns, per-seed results and every seed's history."""
     per_seed = [progress.numeric_metrics(r.best_evaluation.metrics) for r in runs]
-    summary: dict[str, Any] = {"task": config.task, "main_metric": MAIN_METRIC["regression" if config.regression
-                                                                            else config.task]}
+    summary: dict[str, Any] = {"task": config.task, "main_metric": chosen.main_metric}
     for key in per_seed[0]:
         values = np.array([m[key] for m in per_seed])
         summary[key] = float(values.mean())
@@ -389,8 +388,7 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
         options["text_columns"] = tuple(text_columns)
     if no_header is not None:
         options["no_header"] = no_header
-    task_class = TASKS[record["task"]]
-    task = task_class(TaskOptions(**options), **record["state"])
+    task = TASKS[record["task"]](TaskOptions(**options), **record["state"])
     torch_device = distributed.resolve_device(device)
     model, tokenizer, _ = load_task_model(folder, task.architecture, None, record["max_seq_len"])
     model.to(torch_device).eval()
