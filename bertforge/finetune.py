@@ -34,7 +34,7 @@ from bertforge import checkpoint, distributed, hf, loop, model_folder, optim
 from bertforge import finetune_progress as progress
 from bertforge.config import check_options
 from bertforge.errors import BertforgeError
-from bertforge.monitor import Monitor, read_metrics
+from bertforge.monitor import METRICS_FILE, Monitor, panel_figure, read_metrics, save_png
 from bertforge.packing import host_arguments, real_tokens, to_device
 from bertforge.precision import PRECISIONS, machine_record
 from bertforge.run_folder import may_change, publish_file, write_json, write_json_atomic
@@ -170,25 +170,14 @@ def _bucketed(features: list[Feature], batch_size: int, seed: int) -> list[list[
     return batches
 
 
-def _plot(histories: dict[int, list[dict[str, Any]]], run_dirs: dict[int, Path], main: str, out_png: Path) -> None:
+def _plot(runs: list[progress.SeedRun], out: Path, main: str, out_png: Path) -> None:
     """Train loss per step and the dev metric per epoch, one line per seed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    ax_loss, ax_metric = figure.subplots(1, 2)
-    for seed, history in histories.items():
-        train = [r for r in read_metrics(run_dirs[seed] / "metrics.jsonl") if "split" not in r and "loss" in r]
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"seed {seed}", linewidth=1.2)
-        ax_metric.plot([h["epoch"] for h in history], [h["metrics"].get(main, math.nan) for h in history],
-                       marker="o", label=f"seed {seed}")
-    ax_loss.set(title="training loss", xlabel="optimizer step", ylabel="loss")
-    ax_metric.set(title=f"dev {main}", xlabel="epoch", ylabel=main)
-    for axis in (ax_loss, ax_metric):
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.savefig(out_png, format="png")
+    losses = [([r for r in read_metrics(progress.seed_dir(out, run.seed) / METRICS_FILE) if "split" not in r],
+               "loss", f"seed {run.seed}") for run in runs]
+    scores = [([{"split": "dev", "epoch": h["epoch"], main: h["metrics"].get(main, math.nan)} for h in run.history],
+               main, f"seed {run.seed}") for run in runs]
+    save_png(panel_figure([("training loss", "step", "loss", losses), (f"dev {main}", "epoch", main, scores)],
+                          grid=(1, 2), size=(10, 4)), out_png)
 
 
 def _fit(config: FinetuneConfig, task: Any, model: nn.Module, loader: loop.StepLoader, run: progress.SeedRun,
@@ -338,8 +327,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
                            out / f"dev_predictions{PREDICTION_SUFFIX[config.task]}")
     summary = _summary(config, runs, chosen, stopped_early=run.stop_reason == "signal")
     summary["machine"] = machine_record(config.precision, device)
-    _plot({r.seed: r.history for r in runs}, {r.seed: progress.seed_dir(out, r.seed) for r in runs},
-          summary["main_metric"], out / "curves.png")
+    _plot(runs, out, summary["main_metric"], out / "curves.png")
     write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: its presence marks a finished run
     return summary
 
@@ -349,8 +337,7 @@ def _summary(config: FinetuneConfig, runs: list[progress.SeedRun], chosen: progr
     """DIR/metrics.json: each dev metric's mean over the seeds (and `_std` with several), the exported seed's
     breakdowns, per-seed results and every seed's history."""
     per_seed = [progress.numeric_metrics(r.best_evaluation.metrics) for r in runs]
-    summary: dict[str, Any] = {"task": config.task, "main_metric": MAIN_METRIC["regression" if config.regression
-                                                                            else config.task]}
+    summary: dict[str, Any] = {"task": config.task, "main_metric": chosen.main_metric}
     for key in per_seed[0]:
         values = np.array([m[key] for m in per_seed])
         summary[key] = float(values.mean())
@@ -401,8 +388,7 @@ def predict(model_dir: str | Path, input_file: str | Path, out_file: str | Path,
         options["text_columns"] = tuple(text_columns)
     if no_header is not None:
         options["no_header"] = no_header
-    task_class = TASKS[record["task"]]
-    task = task_class(TaskOptions(**options), **record["state"])
+    task = TASKS[record["task"]](TaskOptions(**options), **record["state"])
     torch_device = distributed.resolve_device(device)
     model, tokenizer, _ = load_task_model(folder, task.architecture, None, record["max_seq_len"])
     model.to(torch_device).eval()

@@ -188,8 +188,7 @@ class BertForQuestionAnswering(nn.Module):
         logits = self.qa_outputs(sequence_output)  # (B, T, 2) or (N, 2)
         if packed is not None:
             logits = pad(logits, packed, torch.finfo(logits.dtype).min)
-        start_logits, end_logits = logits.unbind(dim=-1)
-        return start_logits, end_logits
+        return logits.unbind(dim=-1)
 
 
 # --------------------------------------------------------------------------------- inference helpers (fill-mask, NSP)

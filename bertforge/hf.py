@@ -92,6 +92,7 @@ _FROM_HF = tuple((_pattern(hf), ours) for ours, hf in KEY_MAP)
 
 
 def _rename(key: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+    """`key` renamed by the first pattern of `table` that matches it; None when none does."""
     for pattern, template in table:
         match = pattern.match(key)
         if match:
@@ -105,11 +106,6 @@ def to_hf_key(key: str) -> str:
     hf_key = _rename(key, _TO_HF)
     assert hf_key is not None, f"no Hugging Face name for {key}"
     return hf_key
-
-
-def from_hf_key(key: str) -> str | None:
-    """A `transformers` BERT key (with `bert.` prefix) -> ours, or None for weights we have no place for."""
-    return _rename(key, _FROM_HF)
 
 
 # ----------------------------------------------------------------------------------------------- config.json
@@ -284,7 +280,7 @@ def from_hf_weights(state: dict[str, Tensor], notes: list[str]) -> dict[str, Ten
     ours: dict[str, Tensor] = {}
     unknown = []
     for key, tensor in normalised.items():
-        our_key = from_hf_key(key)
+        our_key = _rename(key, _FROM_HF)  # `transformers` key (with `bert.` prefix) -> ours
         if our_key is not None:
             ours[our_key] = tensor
         elif not key.endswith("position_ids"):  # an old, redundant buffer

@@ -161,58 +161,66 @@ def _tensorboard_writer(log_dir: Path, purge_step: int):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
-def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
-    """Draw a 2x2 figure from a metrics file: losses, MLM accuracy, NSP accuracy and learning rate vs step.
+_X_LABELS = {"step": "optimizer step", "epoch": "epoch"}
 
-    Training curves are lines, validation points are markers joined by dashed lines. Written atomically.
-    """
+
+def panel_figure(panels: list[tuple[str, str, str, list[tuple[list[dict], str, str]]]], *, grid: tuple[int, int],
+                 size: tuple[float, float]) -> Any:
+    """A figure of `panels` (title, x key, y label, curves) on a `grid` of axes. A curve (rows, y key, label) draws
+    the rows where both keys hold finite numbers: training rows as a line, evaluation rows (with a `split`) as
+    markers joined by dashed lines. A panel with nothing to draw says "no data yet"."""
     # The Agg canvas directly: no pyplot, so no global backend state and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    records = read_metrics(metrics_jsonl)
-    train = [r for r in records if _is_train(r)]
-    valid = [r for r in records if _is_eval(r)]
-
-    def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-        points = [(r["step"], r[key]) for r in rows
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    figure = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+    figure = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    (ax_loss, ax_mlm), (ax_nsp, ax_lr) = figure.subplots(2, 2)
-    panels = [
-        (ax_loss, "Loss", "cross-entropy",
-         [(train, "loss", "train total"), (train, "mlm_loss", "train MLM"), (train, "nsp_loss", "train NSP"),
-          (valid, "mlm_loss", "validation MLM"), (valid, "nsp_loss", "validation NSP")]),
-        (ax_mlm, "MLM accuracy", "accuracy", [(train, "mlm_accuracy", "train"), (valid, "mlm_accuracy", "validation")]),
-        (ax_nsp, "NSP accuracy", "accuracy", [(train, "nsp_accuracy", "train"), (valid, "nsp_accuracy", "validation")]),
-        (ax_lr, "Learning rate", "lr", [(train, "lr", "lr")]),
-    ]
-    for axis, title, ylabel, curves in panels:
+    for axis, (title, x, ylabel, curves) in zip(figure.subplots(*grid).flat, panels):
         drawn = False
         for rows, key, label in curves:
-            steps, values = series(rows, key)
-            if not steps:
+            points = [(r[x], r[key]) for r in rows
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and x in r]
+            if not points:
                 continue
-            style = dict(marker="o", linestyle="--", markersize=4) if rows is valid else dict(linewidth=1.2)
-            axis.plot(steps, values, label=label, **style)
+            style = dict(marker="o", linestyle="--", markersize=4) if _is_eval(rows[0]) else dict(linewidth=1.2)
+            axis.plot([p[0] for p in points], [p[1] for p in points], label=label, **style)
             drawn = True
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel(ylabel)
+        axis.set(title=title, xlabel=_X_LABELS[x], ylabel=ylabel)
         axis.grid(True, alpha=0.3)
         if drawn:
             axis.legend(fontsize=8)
         else:
             axis.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=axis.transAxes)
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    figure.suptitle(f"bertforge: {Path(metrics_jsonl).parent.name}")
+    return figure
+
+
+def save_png(figure: Any, out_png: Path) -> None:
+    """Writes `figure` to `out_png` atomically."""
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.name + ".tmp")
     figure.savefig(tmp, format="png")
     publish_file(tmp, out_png)
+
+
+def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
+    """Draw a 2x2 figure from a metrics file: losses, MLM accuracy, NSP accuracy and learning rate vs step.
+
+    Training curves are lines, validation points are markers joined by dashed lines. Written atomically.
+    """
+    records = read_metrics(metrics_jsonl)
+    train = [r for r in records if _is_train(r)]
+    valid = [r for r in records if _is_eval(r)]
+    figure = panel_figure([
+        ("Loss", "step", "cross-entropy",
+         [(train, "loss", "train total"), (train, "mlm_loss", "train MLM"), (train, "nsp_loss", "train NSP"),
+          (valid, "mlm_loss", "validation MLM"), (valid, "nsp_loss", "validation NSP")]),
+        ("MLM accuracy", "step", "accuracy", [(train, "mlm_accuracy", "train"), (valid, "mlm_accuracy", "validation")]),
+        ("NSP accuracy", "step", "accuracy", [(train, "nsp_accuracy", "train"), (valid, "nsp_accuracy", "validation")]),
+        ("Learning rate", "step", "lr", [(train, "lr", "lr")]),
+    ], grid=(2, 2), size=(11, 7.5))
+    figure.axes[3].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))  # the learning rate
+    figure.suptitle(f"bertforge: {Path(metrics_jsonl).parent.name}")
+    save_png(figure, out_png)
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int, masked_per_seq: float) -> float:
@@ -287,14 +295,12 @@ def _fmt_metrics(record: dict[str, Any] | None) -> str:
 def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int, wall_seconds: float,
                   tokens: int, seq_len: float, masked_per_seq: float, device: str | torch.device = "cpu",
                   precision: str = "fp32", train_metrics: dict[str, Any] | None = None,
-                  eval_metrics: dict[str, Any] | None = None, model_dir: str | Path | None = None,
-                  curves: str | Path | None = None) -> str:
+                  eval_metrics: dict[str, Any] | None = None, model_dir: str | Path | None = None) -> str:
     """A one-screen summary of a finished run.
 
     `tokens` are the non-padding tokens trained on in `wall_seconds` of training; `seq_len` and
     `masked_per_seq` are their mean per sequence (for `model_flops_per_token`). The final train and validation
-    metrics default to the last lines of `RUN/metrics.jsonl`; `model_dir` and `curves` to `RUN/model` and
-    `RUN/curves.png`.
+    metrics default to the last lines of `RUN/metrics.jsonl`; `model_dir` to `RUN/model`.
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
@@ -317,7 +323,7 @@ def summarize_run(run_dir: str | Path, *, model_config: ModelConfig, steps: int,
         f"  train (last)     {_fmt_metrics(train_metrics)}",
         f"  validation       {_fmt_metrics(eval_metrics)}",
         f"  metrics          {run_dir / METRICS_FILE}",
-        f"  curves           {Path(curves) if curves else run_dir / CURVES_FILE}",
+        f"  curves           {run_dir / CURVES_FILE}",
         f"  model            {Path(model_dir) if model_dir else run_dir / 'model'}",
     ]
     return "\n".join(lines)

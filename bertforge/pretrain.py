@@ -216,9 +216,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def data_fingerprint(data: PretrainData) -> str:
-    """Identifies a DATA folder's content wherever it lives (its manifest's own checksum)."""
-    return str(data.manifest.get("manifest_sha256") or
-               hashlib.sha256((data.path / "manifest.json").read_bytes()).hexdigest())
+    """Identifies a DATA folder's content wherever it lives (its manifest's own checksum, checked on reading)."""
+    return str(data.manifest["manifest_sha256"])
 
 
 class ConcatenatedData(torch.utils.data.ConcatDataset):
@@ -243,8 +242,7 @@ def open_data(dirs: tuple[Path, ...]) -> list[PretrainData]:
 def _check_resume(config: PretrainConfig, saved: dict[str, Any], fingerprint: str) -> None:
     if saved.get("data_fingerprint") != fingerprint:
         raise BertforgeError(f"--data {' '.join(map(str, config.data_dirs))} is not the data run {config.out} was "
-                             "trained on; resume with "
-                             "the same DATA (a new phase on new data starts with --init RUN)")
+                             "trained on; resume with the same DATA (a new phase on new data starts with --init RUN)")
     change = changed_setting(saved["pretrain"], run_settings(config), config)
     if change:
         name, before, now = change

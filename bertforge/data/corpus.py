@@ -28,6 +28,7 @@ import json
 import lzma
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -65,10 +66,7 @@ class CorpusStats:
 
     def summary(self) -> str:
         """One line: files, MB, documents, sentences, formats and replaced bytes."""
-        counts: dict[str, int] = {}
-        for fmt in self.formats.values():
-            counts[fmt] = counts.get(fmt, 0) + 1
-        formats = ", ".join(f"{fmt} ×{n}" for fmt, n in sorted(counts.items()))
+        formats = ", ".join(f"{fmt} ×{n}" for fmt, n in sorted(Counter(self.formats.values()).items()))
         line = (f"{self.files} files ({formats}), {self.bytes_read / 1e6:.1f} MB, {self.documents:,} documents, "
                 f"{self.sentences:,} sentences")
         if self.replaced_bytes:

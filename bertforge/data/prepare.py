@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
@@ -38,10 +38,10 @@ from bertforge.data.corpus import DOCUMENT_DELIMITERS, CorpusStats, expand_input
 from bertforge.data.instances import (InstanceOptions, TokenCorpus, continuation_flags, final_permutation,
                                       generate_exact, generate_fast)
 from bertforge.data.masking import SpecialTokens
-from bertforge.data.shards import ShardWriter, check_out_dir, token_dtype, write_manifest
+from bertforge.data.shards import DATA_FOLDER, ShardWriter, token_dtype, write_manifest
 from bertforge.data.spill import InstanceBatch, RunFile, permute_external, random_merge
 from bertforge.errors import BertforgeError
-from bertforge.run_folder import writing_dir
+from bertforge.run_folder import check_out, writing_dir
 from bertforge.tokenizer import Tokenizer, load_tokenizer
 
 _ENCODE_SENTENCES = 8192   # sentences per encode_batch call
@@ -81,7 +81,7 @@ def prepare(inputs: Sequence[str | Path] | None, tokenizer: Tokenizer | str | Pa
                              f"--num-shards {num_shards} --shard-index {shard_index}")
     workers = 1 if exact else (workers or min(os.cpu_count() or 1, 4))
     out = Path(out)
-    check_out_dir(out, overwrite=overwrite)
+    check_out(out, DATA_FOLDER, overwrite=overwrite)  # before the long work, and again before publishing
     files = expand_inputs(inputs) if inputs else default_corpus_files()
     if num_shards > 1:
         if len(files) < num_shards:
@@ -133,7 +133,7 @@ def _prepare(files: list[Path], tok: Tokenizer, out: Path, options: InstanceOpti
                              chinese_wwm=chinese_wwm, validation_fraction=validation_fraction, workers=workers,
                              fmt=fmt, elapsed=time.perf_counter() - started)
         write_manifest(tmp, manifest)
-        check_out_dir(out, overwrite=overwrite)  # the folder may have changed while we prepared
+        check_out(out, DATA_FOLDER, overwrite=overwrite)  # the folder may have changed while we prepared
     return manifest
 
 
@@ -402,9 +402,6 @@ def _manifest(tok: Tokenizer, files: Sequence[Path], stats: CorpusStats, counts:
               options: InstanceOptions, split_counts: dict[str, dict[str, int]], *, seed: int, exact: bool,
               chinese_wwm: bool, validation_fraction: float, workers: int, fmt: str | None,
               elapsed: float) -> dict[str, Any]:
-    formats: dict[str, int] = {}
-    for chosen in stats.formats.values():
-        formats[chosen] = formats.get(chosen, 0) + 1
     totals = {key: sum(split[key] for split in split_counts.values()) for key in _INSTANCE_COUNTS}
     return {
         "created_by": f"bertforge {bertforge.__version__}",
@@ -416,7 +413,7 @@ def _manifest(tok: Tokenizer, files: Sequence[Path], stats: CorpusStats, counts:
                     "exact": exact, "format": fmt or "auto",
                     "shuffle": "reference final shuffle" if exact else "uniform merge of shuffled runs"},
         "inputs": [{"path": str(path), "format": stats.formats.get(str(path))} for path in files],
-        "formats": formats,
+        "formats": dict(Counter(stats.formats.values())),
         "counts": {"files": stats.files, "bytes_read": stats.bytes_read, "replaced_bytes": stats.replaced_bytes,
                    **counts, **totals},
         "replaced_bytes_by_file": dict(stats.replaced_by_file),

@@ -265,15 +265,10 @@ DATA_FOLDER = OutKind(noun="prepared data", foreign="exists and is not a bertfor
                       is_ours=lambda path: is_data_dir(path) and not path.is_symlink())
 
 
-def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
-    """Raises BertforgeError unless `out_dir` may receive a DATA folder (call it before long work, too)."""
-    check_out(Path(out_dir), DATA_FOLDER, overwrite=overwrite)
-
-
 def finalize_data_dir(tmp_dir: str | Path, out_dir: str | Path, manifest: dict, *, overwrite: bool) -> None:
     """`write_manifest`, then an atomic rename tmp → out. An existing DATA folder at `out_dir` is replaced only
     with `overwrite`: moved aside, the new one renamed in, then the old one deleted."""
-    check_out_dir(out_dir, overwrite=overwrite)
+    check_out(Path(out_dir), DATA_FOLDER, overwrite=overwrite)
     write_manifest(Path(tmp_dir), manifest)
     publish_dir(Path(tmp_dir), Path(out_dir))
 
