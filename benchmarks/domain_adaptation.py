@@ -440,6 +440,10 @@ def schedule(jobs: list[Job], work: Path, budget: Budget, record_dir: Path, para
 
 # ------------------------------------------------------------------------------------------------- report
 
+CELLS_LINE = ("Cells: every cell's metrics are in this folder's `bench_*.json`, one file per benchmarked model "
+              "(their run folders stay in the work folder).")
+
+
 def write_reports(record: Record, tomls: dict[str, Path]) -> None:
     """report_en/report_zh (.md, .png, .json) from every benchmarked model in the record."""
     import tempfile
@@ -462,7 +466,10 @@ def write_reports(record: Record, tomls: dict[str, Path]) -> None:
             for suffix in ("md", "png", "json"):
                 source = Path(scratch) / ("results.json" if suffix == "json" else f"report.{suffix}")
                 os.replace(source, record.folder / f"report_{language}.{suffix}")
-        print((record.folder / f"report_{language}.md").read_text(), flush=True)
+        report = record.folder / f"report_{language}.md"  # its cells live in the record, not in one DIR/cells/
+        report.write_text("\n".join(CELLS_LINE if line.startswith("Cells: ") else line
+                                    for line in report.read_text().split("\n")))
+        print(report.read_text(), flush=True)
 
 
 MODELS = {  # job -> what the model is, for the summary table
