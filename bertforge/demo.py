@@ -35,9 +35,9 @@ copies (97% right), and no attention head puts more than ~9% of its weight on ei
 `tiny`'s shape with 8 heads of 16 and a 2e-3 rate grew a head with ~26% on each neighbour by step 4,719, 8.2% on
 [MASK] positions, perplexity 307 (381 for `tiny` at 2e-3, 4,310 steps), but its answers were still mostly
 frequent tokens and P(IsNext) ranked the paper's pair the wrong way round (16 heads of 8, slower per step, ran
-3,435 steps and showed no such head), so the recipe keeps `tiny`. The examples
-are also hard for this corpus: the 4k vocabulary splits "store", "bought", "gallon" and "milk" into pieces, and
-"grocery" and "gallon" occur twice in its ~650k words.
+3,435 steps and showed no such head), so the recipe keeps `tiny`. The examples are also hard for this corpus:
+the 4k vocabulary splits "store", "bought", "gallon" and "milk" into pieces, and "grocery" and "gallon" occur
+twice in its ~650k words.
 
 NSP is the slower objective: it generalises to documents the model has not seen only after several thousand steps
 (before that, training NSP accuracy rises on the training documents alone), so on a slow or shared CPU the report
