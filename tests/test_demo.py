@@ -11,7 +11,7 @@ from bertforge.cli import main
 from bertforge.config import ModelConfig
 from bertforge.data.shards import finalize_data_dir
 from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, next_sentence_probability,
-                            validation_baselines)
+                            validation_baselines, word_predictions)
 from bertforge.heads import BertForPreTraining
 from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 from training_data import Instance, write_split
@@ -63,6 +63,23 @@ def test_fill_mask_gives_the_model_probabilities_at_each_mask(tiny_model):
         probs, top = logits[position].softmax(-1).topk(3)
         assert [token for token, _ in result] == [VOCAB[i] for i in top.tolist()]
         assert [p for _, p in result] == pytest.approx(probs.tolist())
+
+
+def test_word_predictions_leave_out_special_tokens_and_word_pieces():
+    vocab = [*VOCAB, "##s"]
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", vocab_size=len(vocab), hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+    model, tokenizer = BertForPreTraining(config).eval(), Tokenizer(vocab)
+    with torch.no_grad():  # make a special token and the piece the likeliest answers
+        model.mlm.bias[vocab.index("[SEP]")] = 20.0
+        model.mlm.bias[vocab.index("##s")] = 19.0
+        model.mlm.bias[vocab.index("milk")] = 5.0
+    text = "he bought [MASK] ."
+    everything = fill_mask(model, tokenizer, text, top_k=len(vocab))[0]
+    assert [token for token, _ in everything[:2]] == ["[SEP]", "##s"]
+    words = word_predictions(model, tokenizer, text, top_k=3)[0]
+    assert words == [pair for pair in everything if pair[0] in WORDS][:3] and words[0][0] == "milk"
 
 
 def test_next_sentence_probability_is_the_isnext_softmax(tiny_model):
