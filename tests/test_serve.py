@@ -332,7 +332,12 @@ def test_cli_serves_until_ctrl_c_and_stops_cleanly(folders, stop):
         assert [m["name"] for m in ok(base, "/api/models")] == ["mini"]
         assert ok(base, "/api/runs") == [{"name": "RUN", "path": str(folders["run"])}]
         process.send_signal(stop)
-        assert process.wait(timeout=30) == 0
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"serve did not stop within 30 s of {stop.name}; its stderr:\n{process.communicate()[1]}")
+        assert code == 0
         assert "bertforge serve: stopped" in process.stderr.read()
     finally:
         process.kill()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from types import FrameType
+import threading
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,10 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_serve)
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from bertforge.distributed import resolve_device
     from bertforge.errors import BertforgeError
@@ -52,11 +48,17 @@ def run_serve(args: argparse.Namespace) -> int:
               "playground", file=sys.stderr)
     print(f"bertforge serve: {len(table.models)} model(s), {len(table.runs)} run(s) at {server.url}  "
           "(Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGTERM, _stop)  # `kill`, a service manager or a container stop: the same clean stop
+    # Ctrl-C, `kill`, a service manager or a container stop: the same clean stop. The handler asks serve_forever to
+    # return (from a thread: shutdown() waits for it) rather than raising KeyboardInterrupt wherever the main thread
+    # happens to be, which could be inside a request thread's start() and leave the interpreter waiting at exit.
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("bertforge serve: stopped", file=sys.stderr)
     finally:
         server.server_close()
+    print("bertforge serve: stopped", file=sys.stderr)
     return 0
