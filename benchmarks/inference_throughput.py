@@ -313,47 +313,48 @@ def whole_calls(task: str, run: Path, inputs: Path, warm: Path, work: Path, suff
                         for side, call in CALLS.items()}, repeats)
 
 
+def both_sides(task: str, run: Path, inputs: Path, warm: Path, work: Path, suffix: str,
+               args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], OursModel, TheirsModel, dict]:
+    """What both tasks measure: whole calls, the model alone and (`--memory`) peak memory. Returns the row's shared
+    fields, the whole calls' outputs, both model sides and their outputs."""
+    whole, outputs = whole_calls(task, run, inputs, warm, work, suffix, args.repeats)
+    ours, theirs = OursModel(task, run, inputs), TheirsModel(task, run, inputs)
+    model, results = interleaved({"bertforge": ours, "transformers": theirs}, args.repeats)
+    row: dict[str, Any] = {"task": task, "whole": whole, "model": model}
+    if args.memory:
+        row["memory"] = {side: peak_memory_mib(side, task, run, inputs, work / f"probe_{side}{suffix}")
+                         for side in CALLS}
+    return row, outputs, ours, theirs, results
+
+
 def bench_classify(run: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     phrases = sst2_phrases(args.phrases, work / "phrases.tsv")
-    whole, labels = whole_calls("classify", run, phrases, sst2_phrases(64, work / "warm.tsv"), work, ".tsv",
-                                args.repeats)
-    ours, theirs = OursModel("classify", run, phrases), TheirsModel("classify", run, phrases)
-    model, logits = interleaved({"bertforge": ours, "transformers": theirs}, args.repeats)
+    row, labels, ours, theirs, logits = both_sides("classify", run, phrases, sst2_phrases(64, work / "warm.tsv"),
+                                                   work, ".tsv", args)
     ours_logits = torch.from_numpy(np.stack(logits["bertforge"]))
     agree = np.mean([a == b for a, b in zip(labels["bertforge"], labels["transformers"])])
     tokens = sum(len(feature.input_ids) for feature in ours.features)
     positions = sum(batch["attention_mask"].numel() for batch in theirs.batches)
-    row = {"task": "classify", "inputs": f"{args.phrases:,} phrases", "whole": whole, "model": model,
-           "agreement": float(agree), "difference": float((ours_logits - logits["transformers"]).abs().max()),
-           "units": f"{tokens / args.phrases:.1f} tokens/phrase; transformers {positions / tokens:.2f} "
-                    f"positions/token; {labels['transformers'].count('1') / args.phrases:.0%} predicted 1; "
-                    f"logits' std over phrases {ours_logits.std(0).max():.1e}"}
-    if args.memory:
-        row["memory"] = {side: peak_memory_mib(side, "classify", run, phrases, work / f"probe_{side}.tsv")
-                         for side in CALLS}
-    return row
+    return row | {"inputs": f"{args.phrases:,} phrases", "agreement": float(agree),
+                  "difference": float((ours_logits - logits["transformers"]).abs().max()),
+                  "units": f"{tokens / args.phrases:.1f} tokens/phrase; transformers {positions / tokens:.2f} "
+                           f"positions/token; {labels['transformers'].count('1') / args.phrases:.0%} predicted 1; "
+                           f"logits' std over phrases {ours_logits.std(0).max():.1e}"}
 
 
 def bench_qa(run: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     questions = squad_questions(args.questions, work / "questions.json")
-    whole, _ = whole_calls("qa", run, questions, squad_questions(8, work / "warm.json"), work, ".json",
-                           args.repeats)
-    ours, theirs = OursModel("qa", run, questions), TheirsModel("qa", run, questions)
-    model, results = interleaved({"bertforge": ours, "transformers": theirs}, args.repeats)
+    row, _, ours, theirs, results = both_sides("qa", run, questions, squad_questions(8, work / "warm.json"), work,
+                                               ".json", args)
     ours_first, theirs_first = ours.first_windows(results["bertforge"]), theirs.first_windows(results["transformers"])
     same = [q for q in ours_first if ours_first[q].shape == theirs_first[q][2].shape]
     agree = np.mean([(int(ours_first[q][:, 0].argmax()), int(ours_first[q][:, 1].argmax())) == theirs_first[q][:2]
                      for q in same])
     difference = max(float(np.abs(ours_first[q] - theirs_first[q][2]).max()) for q in same)
     windows = len(theirs.windows["input_ids"])
-    row = {"task": "qa", "inputs": f"{args.questions:,} questions", "whole": whole, "model": model,
-           "agreement": float(agree), "difference": difference,
-           "units": f"windows: bertforge {len(ours.features):,}, transformers {windows:,}; "
-                    f"{len(same)}/{len(ours_first)} first windows identical in length"}
-    if args.memory:
-        row["memory"] = {side: peak_memory_mib(side, "qa", run, questions, work / f"probe_{side}.json")
-                         for side in CALLS}
-    return row
+    return row | {"inputs": f"{args.questions:,} questions", "agreement": float(agree), "difference": difference,
+                  "units": f"windows: bertforge {len(ours.features):,}, transformers {windows:,}; "
+                           f"{len(same)}/{len(ours_first)} first windows identical in length"}
 
 
 def main(argv: list[str] | None = None) -> int:
