@@ -29,6 +29,7 @@ from bertforge.errors import BertforgeError
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf
 from bertforge.loop import LoopConfig, LoopResult, StepLoader, autocast_context, train
+from bertforge.model import sinusoidal_positions
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
@@ -40,6 +41,7 @@ from bertforge.tokenizer import load_tokenizer
 
 RUN_KIND = "bertforge-pretrain"
 CONFIG_FILE = "config.json"
+POSITION_INITS = ("random", "sinusoidal")
 RUN_FOLDER = OutKind(noun="a run", foreign="holds other files, not a bertforge run", resumable=True,
                      is_ours=lambda path: (path / CONFIG_FILE).is_file() or
                      (path / checkpoint.CHECKPOINTS_DIR).is_dir())
@@ -76,6 +78,7 @@ class PretrainConfig:
     resume: bool = may_change(False)
     overwrite: bool = may_change(False)
     dynamic_masking: bool = False
+    position_init: str = "random"       # random | sinusoidal: the start of a fresh model's position table
     optimizer: str = "adamw"
     dropout: float | None = None        # hidden and attention dropout (default: the model config's)
     max_minutes: float | None = may_change(None)  # time budget: stop (evaluate, save, export) when spent
@@ -103,13 +106,15 @@ class PretrainConfig:
         check_options(self, "in [0, 1)", lambda v: 0 <= v < 1, "weight_decay", "dropout")
         check_options(self, "in (0, 1]", lambda v: 0 < v <= 1, "nan_lr_factor")
         choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": ("auto", "cpu", "cuda"),
-                   "on_nan": ("stop", "rollback")}
+                   "on_nan": ("stop", "rollback"), "position_init": POSITION_INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BertforgeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of "
                                      f"{', '.join(allowed)}")
         if self.resume and self.overwrite:
             raise BertforgeError("--resume and --overwrite contradict each other; pass one")
+        if self.init is not None and self.position_init != "random":
+            raise BertforgeError("--position-init applies to a fresh model; --init brings its own position embeddings")
 
     @property
     def data_dirs(self) -> tuple[Path, ...]:
@@ -267,7 +272,12 @@ def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPre
         # A size, or a CONFIG.json (architecture only): vocab_size from DATA unless the file sets it.
         model_config = resolve_model_config(config.model, vocab_size=data.vocab_size).with_dropout(config.dropout)
         _check_fits_data(model_config, data, f"--model {config.model}")
-        return BertForPreTraining(model_config), model_config
+        model = BertForPreTraining(model_config)
+        if config.position_init == "sinusoidal":
+            table = model.bert.embeddings.position_embeddings.weight
+            with torch.no_grad():
+                table.copy_(sinusoidal_positions(*table.shape, model_config.initializer_range))
+        return model, model_config
     loaded = load_model(config.init)
     if loaded.tokenizer().vocab_hash != data.vocab_hash:
         raise BertforgeError(f"--init {config.init} uses a different vocabulary from {data.path}; prepare the data "

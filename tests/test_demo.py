@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from bertforge.cli import main
 from bertforge.config import ModelConfig
 from bertforge.data.shards import finalize_data_dir
-from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, next_sentence_probability,
-                            validation_baselines, word_predictions)
+from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, masked_input_accuracy,
+                            next_sentence_probability, validation_baselines, word_predictions)
 from bertforge.heads import BertForPreTraining
 from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 from training_data import Instance, write_split
@@ -28,20 +29,32 @@ def write_data(path, instances: dict[str, list[Instance]]) -> None:
     finalize_data_dir(tmp, path, {"options": {"max_seq_len": 16, "max_predictions": 4}}, overwrite=False)
 
 
-def instance(masked_ids: list[int], is_random_next: bool) -> Instance:
-    ids = [2, *masked_ids, 3, 8, 9, 10, 3]  # [CLS] A = the masked words [SEP] to store he [SEP]
+def instance(masked_ids: list[int], is_random_next: bool, inputs: list[int] | None = None) -> Instance:
+    """[CLS] A [SEP] to store he [SEP], A = the masked words; `inputs`: what stands in for them (default [MASK])."""
+    ids = [2, *masked_ids, 3, 8, 9, 10, 3]
     positions = list(range(1, 1 + len(masked_ids)))
     return Instance(ids=ids, a_len=len(masked_ids) + 2, is_random_next=is_random_next, masked_positions=positions,
-                    masked_ids=masked_ids, replacement_ids=[4] * len(masked_ids))
+                    masked_ids=masked_ids, replacement_ids=inputs or [4] * len(masked_ids))
 
 
 def test_baselines_are_the_majority_class_and_the_commonest_masked_token(tmp_path):
-    validation = [instance([5, 5, 6], True), instance([5], True), instance([7, 5], False), instance([6], True)]
+    # 7 targets; one keeps its own token ("the") and one shows a random one, so 5 are [MASK] at the input
+    validation = [instance([5, 5, 6], True, [4, 5, 4]), instance([5], True), instance([7, 5], False, [4, 9]),
+                  instance([6], True)]
     write_data(tmp_path / "data", {"train": [instance([6], False)], "validation": validation})
     baselines = validation_baselines(tmp_path / "data")
     assert baselines.instances == 4 and baselines.masked_tokens == 7
     assert baselines.nsp_majority == pytest.approx(0.75) and baselines.nsp_majority_label == "NotNext"
     assert baselines.mlm_unigram == pytest.approx(4 / 7) and baselines.mlm_unigram_token == "the"
+    assert baselines.mlm_masked_unigram == pytest.approx(2 / 5)  # "the" twice, "man" twice, "went" once
+
+    class AlwaysThe(torch.nn.Module):  # predicts "the" (id 5) at every target
+        def forward(self, input_ids, token_type_ids, attention_mask, positions):
+            logits = torch.zeros(*positions.shape, len(VOCAB))
+            logits[..., 5] = 1.0
+            return SimpleNamespace(mlm_logits=logits)
+
+    assert masked_input_accuracy(AlwaysThe(), tmp_path / "data") == pytest.approx(2 / 5)  # not 4/7: copies excluded
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +142,19 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
                   if '"validation"' in line][-1]
     baselines = validation_baselines(out / "data")
     assert baselines.instances > 50
-    # The recipe: short sequences with a high masking rate, redrawn per epoch, over the demo's own vocabulary.
+    # The recipe: short sequences, masks redrawn per epoch, sinusoidal start positions, the demo's own vocabulary.
     options = json.loads((out / "data" / "manifest.json").read_text())["options"]
     assert options["max_seq_len"] == MAX_SEQ_LEN and options["masked_lm_prob"] == MASKED_LM_PROB
-    assert json.loads((run / "config.json").read_text())["pretrain"]["dynamic_masking"] is True
+    settings = json.loads((run / "config.json").read_text())["pretrain"]
+    assert settings["dynamic_masking"] is True and settings["position_init"] == "sinusoidal"
     assert len((out / "tokenizer" / "vocab.txt").read_text().splitlines()) <= VOCAB_SIZE
     mlm_row = next(line for line in report.splitlines() if line.strip().startswith("MLM accuracy"))
     nsp_row = next(line for line in report.splitlines() if line.strip().startswith("NSP accuracy"))
     assert f"{evaluation['mlm_accuracy']:.1%}" in mlm_row and f"{baselines.mlm_unigram:.1%}" in mlm_row
     assert f'always "{baselines.mlm_unigram_token}"' in mlm_row
     assert f"{evaluation['nsp_accuracy']:.1%}" in nsp_row and f"{baselines.nsp_majority:.1%}" in nsp_row
+    on_mask_row = next(line for line in report.splitlines() if line.strip().startswith("on [MASK] inputs"))
+    assert f"{baselines.mlm_masked_unigram:.1%}" in on_mask_row
     assert "the man went to the [MASK] store ." in report and report.count("P(IsNext) = ") == 2
     for path in (run, run / "model", run / "curves.png"):
         assert str(path) in report

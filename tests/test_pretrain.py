@@ -175,6 +175,31 @@ def test_init_continues_from_a_run_on_new_data_with_a_fresh_schedule(data, tmp_p
         torch.testing.assert_close(after[key], tensor, rtol=0, atol=1e-6)
 
 
+def test_sinusoidal_position_init_starts_the_table_as_scaled_sinusoids_that_shift_linearly(data, tmp_path, capsys):
+    from bertforge.model import sinusoidal_positions
+    from bertforge.model_folder import load_model
+
+    table = sinusoidal_positions(64, 32, 0.02)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=0.02)  # the scale of BERT's random rows
+    # one linear map moves every position by one: what lets attention find a neighbour from the first steps
+    def shift_error(rows: torch.Tensor) -> float:
+        rows = rows.double()
+        shift = torch.linalg.lstsq(rows[:-1], rows[1:]).solution
+        return (rows[:-1] @ shift - rows[1:]).abs().max().item()
+
+    assert shift_error(table) < 1e-6  # float32 rounding of values near 0.02
+    assert shift_error(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.02) > 1e-3
+
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "RUN"), "--model", "tiny",
+                 "--position-init", "sinusoidal", "--max-steps", "1", "--lr", "1e-12", "--batch-size", "4"]) == 0
+    trained = load_model(tmp_path / "RUN" / "model").model.bert.embeddings.position_embeddings.weight.detach()
+    torch.testing.assert_close(trained, sinusoidal_positions(*trained.shape, 0.02), rtol=0, atol=1e-6)
+    capsys.readouterr()
+    assert "--position-init applies to a fresh model" in _error(
+        capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN2"), "--init", str(tmp_path / "RUN"),
+        "--position-init", "sinusoidal")
+
+
 def test_pretrain_and_evaluate_on_prepared_corpus_data(corpus_data, tmp_path, capsys):
     run = tmp_path / "RUN"
     assert main(["pretrain", "--data", str(corpus_data), "--out", str(run), "--model", "tiny", "--max-steps", "4",

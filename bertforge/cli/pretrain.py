@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
            "model folder, with a fresh optimizer and schedule (e.g. phase 2 on longer sequences)", type=Path)
     option(model, "--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
     option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
+    option(model, "--position-init", "start a fresh model's position embeddings random (BERT's) or as scaled "
+           "sinusoids, which lets a small model on a small budget find neighbouring tokens sooner",
+           choices=("random", "sinusoidal"))
     optim = parser.add_argument_group("optimisation")
     option(optim, "--batch-size", "instances per micro-batch, per process (under torchrun the global batch is "
            "batch-size x processes x grad-accum)", type=int)
