@@ -145,7 +145,7 @@ def validation_baselines(data_dir: Path) -> Baselines:
     label, label_count = nsp.most_common(1)[0]
     return Baselines(nsp_majority=label_count / len(store), nsp_majority_label="NotNext" if label else "IsNext",
                      mlm_unigram=token_count / sum(labels.values()), mlm_unigram_token=data.vocab[token_id],
-                     mlm_masked_unigram=masked.most_common(1)[0][1] / max(1, sum(masked.values())),
+                     mlm_masked_unigram=max(masked.values(), default=0) / max(1, sum(masked.values())),
                      instances=len(store), masked_tokens=sum(labels.values()))
 
 
