@@ -17,7 +17,7 @@ from bertforge.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bertforge.pretrain import PretrainConfig
+    from bertforge.pretrain import POSITION_INITS, PretrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     parser = subparsers.add_parser(
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
     option(model, "--position-init", "start a fresh model's position embeddings random (BERT's) or as scaled "
            "sinusoids, which lets a small model on a small budget find neighbouring tokens sooner",
-           choices=("random", "sinusoidal"))
+           choices=POSITION_INITS)
     optim = parser.add_argument_group("optimisation")
     option(optim, "--batch-size", "instances per micro-batch, per process (under torchrun the global batch is "
            "batch-size x processes x grad-accum)", type=int)
