@@ -8,41 +8,44 @@ held-out MLM and NSP gains and sensible examples on a machine that fits only a c
 - vocabulary 4,096 WordPiece entries: with ~1M words of text a 30k vocabulary leaves most entries seen a handful
   of times (their embeddings would stay near their initialisation), and the MLM softmax over the vocabulary is a
   large share of a `tiny` step; at 4k every entry is frequent and that share halves against 8k;
-- the `tiny` model (2 layers, 128 hidden): ten minutes of two cores is ~5e13 FLOPs, for which the compute-optimal
-  size (about C/120 squared-rooted, Hoffmann et al. 2022) is under a million non-embedding parameters; `tiny` has
-  0.4M and runs ~3x the steps of `mini` (3.2M), which learned less per minute;
+- the `tiny` model (2 layers, 128 hidden) with 4 heads of 32 instead of 2 of 64: ten minutes of two cores is ~5e13
+  FLOPs, for which the compute-optimal size (about C/120 squared-rooted, Hoffmann et al. 2022) is under a million
+  non-embedding parameters; `tiny` has 0.4M and runs ~3x the steps of `mini` (3.2M), which learned less per
+  minute. Two of the first layer's heads start out reading the neighbouring tokens (below); the other two are
+  free for what NSP needs, a view of the whole of both segments (with 2 heads, both taken, NSP stayed near its
+  baseline);
 - sequences of 64 tokens (a sentence or two per segment, like the fill-mask and NSP examples), batch 32: at this
   budget optimizer steps are what is scarce, and halving the sequence doubles the steps and the NSP labels per
   token of compute (attention's cost per token halves too). Shorter is worse: at 32 tokens most segments are one
   sentence, for which the generator always draws a random next, so NSP's majority class is ~80%;
 - 15% of the tokens masked (Devlin et al.'s rate): the 30% of MosaicBERT and ModernBERT gives twice the targets
-  per sequence, but at this budget it hides too much of the context a small model is learning to read (one thread,
-  10 minutes, 2026-12-07: held-out accuracy on [MASK] inputs 10.4% at 15% against 10.0% at 30%, perplexity 245
-  against 261, NSP +13.6 against +8.3 points);
-- position embeddings that start as scaled sinusoids (`pretrain --position-init sinusoidal`): moving one position
-  is then a fixed linear map, so attention can find a token's neighbours from the first steps (the same 10
-  minutes at 30% masking: perplexity 261 and 10.0% on [MASK] inputs, against 307-381 and 6-8% with random rows);
+  per sequence, but at this budget it hides too much of the context a small model is learning to read (it gave
+  lower accuracy on [MASK] inputs, a higher perplexity and a smaller NSP gain);
+- `pretrain --position-init neighbours`: position embeddings start as sinusoids in half of the dimensions, and
+  two heads of the first layer start out attending to the next and the previous token (`position_init.py`).
+  With BERT's random start, a model this small on this budget never learned to look at its neighbours (no head
+  put more than ~9% of its weight on one), so it predicted masked words from the sentence's topic and frequency
+  alone ("the" everywhere, or topic nouns); starting from the neighbours, it reads "united [MASK]" or "world war
+  [MASK]" within the first thousand steps, and its held-out accuracy on [MASK] inputs roughly doubles;
 - dynamic masking, and a duplication factor from the budget (about one pass of ~18k instances per minute, at
   most 10): training rarely repeats a sentence pair, and where a fast machine does, the pair gets fresh masks;
 - dropout off (one pass or less over the data is an under-fitting regime: dropout only slows learning, as in
-  Geiping & Goldstein's "Cramming", 2022), a learning rate of 1e-3 with a 5% warm-up (2e-3 raised MLM accuracy
-  no faster over a whole run: 14.7% held out at step ~2,570 at either rate on one thread; 5e-4 was slower, and
-  at 3e-3 `tiny` sat at the unigram baseline for hundreds of steps with the 8k vocabulary and with this one).
+  Geiping & Goldstein's "Cramming", 2022), a learning rate of 1e-3 with a 5% warm-up (2e-3 was worse with the
+  neighbour heads and no better without; 5e-4 was slower, and at 3e-3 `tiny` sat at the unigram baseline for
+  hundreds of steps).
 
-Fill-mask answers: the report lists the five likeliest whole words at each [MASK] (`word_predictions`: a special
-token or a "##" piece cannot fill a slot between spaces). At 4,000-6,000 steps they are words of the corpus's
-topics ("year", "country", "population" for "the city is the [MASK] of the province"), not yet "capital": the
-model reads which subject a sentence is about before it reads its neighbours. The report therefore gives the
-held-out accuracy on [MASK] inputs beside the headline MLM accuracy: the headline also counts the 10% of targets
-that the 80/10/10 rule leaves unchanged, which a model soon copies (97% right). Tried without a gain on the [MASK]
-inputs at this budget (2026-12-07): learning rates 5e-4 to 3e-3, batch 16, an initialiser range of 0.06, `mini`,
-and `tiny`'s shape with 4, 8 or 16 heads (8 heads and 2e-3 raised NSP to +14 to +17 points but lowered the [MASK]
-accuracy to 7-8%). The examples are also hard for this corpus: the 4k vocabulary splits "store", "bought",
-"gallon" and "milk" into pieces, and "grocery" and "gallon" occur twice in its ~650k words.
+Fill-mask examples: the paper's "the man went to the [MASK] store ." and sentences of the kind the bundled
+Wikipedia text holds. The paper's other examples ask for words this ~650k-word corpus barely has ("gallon"
+occurs twice, "milk" eight times), which no model trained on it can know. The report lists the five likeliest
+whole words at each [MASK] (`word_predictions`: a special token or a "##" piece cannot fill a slot between
+spaces), and gives the held-out accuracy on [MASK] inputs beside the headline MLM accuracy: the headline also
+counts the 10% of targets that the 80/10/10 rule leaves unchanged, which a model soon copies.
 
 NSP is the slower objective: it generalises to documents the model has not seen only after several thousand steps
 (before that, training NSP accuracy rises on the training documents alone), so on a slow or shared CPU the report
-can show an MLM gain with NSP still at its baseline; a larger `--minutes` gives it those steps.
+can show an MLM gain with NSP still at its baseline; a larger `--minutes` gives it those steps. The paper's two
+NSP examples are short and about things the corpus hardly mentions; at these budgets their order is not a stable
+result from run to run.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from bertforge.config import check_options, resolve_model_config
+from bertforge.config import PRESETS, check_options, resolve_model_config
 from bertforge.corpus import default_corpus_files
 from bertforge.data.dataset import PretrainData, collate_pretrain
 from bertforge.data.prepare import prepare
@@ -84,11 +87,13 @@ LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.05
 # 4 of the 282 bundled documents: ~170 validation instances per duplication pass (a few hundred in all)
 VALIDATION_FRACTION = 0.015
-FILL_MASK_EXAMPLES = (
+HEAD_DIM = 32  # the demo's heads: `tiny` runs 4 of 32 dimensions instead of 2 of 64 (see the module notes)
+FILL_MASK_EXAMPLES = (  # the paper's, then sentences of the kind the bundled (Wikipedia) text is made of
     "the man went to the [MASK] store .",
-    "he bought a gallon of [MASK] .",
-    "the city is the [MASK] of the province .",
-    "she was born in 1950 and [MASK] in 2010 .",
+    "he moved to the united [MASK] in 1990 .",
+    "it was built during world war [MASK] .",
+    "the book was [MASK] in 1990 .",
+    "he died in [MASK] at the age of 80 .",
 )
 NSP_EXAMPLES = (  # after the paper's §3.1 examples: (A, B, does B follow A?)
     ("the man went to the store .", "he bought a gallon of milk .", True),
@@ -171,6 +176,27 @@ def masked_input_accuracy(model: BertForPreTraining, data_dir: Path) -> float:
     return right / max(1, total)
 
 
+@torch.no_grad()
+def held_out_next_probability(model: BertForPreTraining, data_dir: Path) -> tuple[float, float]:
+    """Mean P(IsNext) over the validation pairs that are IsNext, and over those that are NotNext.
+
+    The paper's two example pairs are single short sentences about things the bundled corpus hardly mentions, so
+    their order says little about a small model; the held-out pairs' means show whether it tells them apart.
+    """
+    data = PretrainData(data_dir, verify="size")
+    store = data.split("validation")
+    sums, counts = [0.0, 0.0], [0, 0]  # by next_sentence_label: 0 IsNext, 1 NotNext
+    for begin in range(0, len(store), 64):
+        batch = collate_pretrain([store[i] for i in range(begin, min(begin + 64, len(store)))], data.special_ids.pad)
+        output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        is_next = torch.softmax(output.nsp_logits.float(), dim=-1)[:, 0]
+        for label in (0, 1):
+            chosen = batch["next_sentence_label"] == label
+            sums[label] += float(is_next[chosen].sum())
+            counts[label] += int(chosen.sum())
+    return sums[0] / max(1, counts[0]), sums[1] / max(1, counts[1])
+
+
 def _dupe_factor(minutes: float) -> int:
     """Passes over the corpus: ~1 per minute of budget (a pass is ~18k instances of 64 tokens, about what `tiny`
     trains on in a minute of an idle 2-core CPU), between 1 and 10, so training rarely repeats a sentence pair
@@ -178,7 +204,20 @@ def _dupe_factor(minutes: float) -> int:
     return max(1, min(10, round(minutes)))
 
 
-def _seconds_per_step(config: DemoConfig, data_dir: Path) -> float:
+def _architecture(model: str, out: Path) -> str:
+    """`model` as the demo trains it: a size gets heads of HEAD_DIM dimensions (never fewer heads than it has),
+    written to OUT/model_config.json; a CONFIG.json is taken as it is."""
+    if model not in PRESETS:
+        return model
+    config = resolve_model_config(model)
+    heads = max(config.num_attention_heads, config.hidden_size // HEAD_DIM)
+    path = out / "model_config.json"
+    write_json(path, {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+                      "num_attention_heads": heads, "intermediate_size": config.intermediate_size})
+    return str(path)
+
+
+def _seconds_per_step(architecture: str, data_dir: Path) -> float:
     """Wall seconds of one training step of the demo's model on real batches, in the precision this CPU is
     fastest at: the fastest of steps 6-20.
 
@@ -190,7 +229,7 @@ def _seconds_per_step(config: DemoConfig, data_dir: Path) -> float:
 
     data = PretrainData(data_dir, verify="size")
     store = data.split("train")
-    model_config = resolve_model_config(config.model, vocab_size=data.vocab_size)
+    model_config = resolve_model_config(architecture, vocab_size=data.vocab_size)
     model = BertForPreTraining(model_config.with_dropout(0.0))
     optimizer = build_optimizer(model, "adamw", lr=LEARNING_RATE, weight_decay=0.01)
     times = []
@@ -244,13 +283,14 @@ def run_demo(config: DemoConfig) -> str:
     def seconds_left() -> float:
         return max(3.0, config.minutes * 60 - (time.monotonic() - start) - reserve)
 
+    architecture = _architecture(config.model, out)
     if config.resume and (run_dir / "config.json").is_file():
         # Continue the interrupted run as it was planned (its schedule and steps are part of the run).
         train_seconds = seconds_left()
         _say(f"[3/4] pretrain: resuming {run_dir} for at most {train_seconds / 60:.1f} minutes")
         result = pretrain(PretrainConfig.from_run(run_dir, max_minutes=train_seconds / 60))
     else:
-        seconds_per_step = _seconds_per_step(config, data_dir)
+        seconds_per_step = _seconds_per_step(architecture, data_dir)
         train_seconds = seconds_left()
         # The schedule should end when the budget does (linear decay to 0 at the last step), so size it from the
         # measured step time; the time limit stops the run if the machine turns out slower.
@@ -258,11 +298,11 @@ def run_demo(config: DemoConfig) -> str:
         _say(f"[3/4] pretrain: `{config.model}`, {steps:,} steps of {BATCH_SIZE} in ~{train_seconds / 60:.1f} "
              f"minutes ({seconds_per_step:.2f} s/step measured)")
         result = pretrain(PretrainConfig(
-            data=data_dir, out=run_dir, model=config.model, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
+            data=data_dir, out=run_dir, model=architecture, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
             warmup_steps=max(1, round(steps * WARMUP_FRACTION)), max_steps=steps, dropout=0.0, seed=config.seed,
-            dynamic_masking=True, position_init="sinusoidal",
+            dynamic_masking=True, position_init="neighbours",
             log_every=max(1, steps // 100), eval_every=max(1, steps // 4), save_every=max(1, steps // 4),
-            keep_last=1, max_minutes=train_seconds / 60, precision="auto", overwrite=True))
+            keep_last=1, max_minutes=train_seconds / 60, decay_to_deadline=True, precision="auto", overwrite=True))
     if result.interrupted:
         _say(f"the run was saved at step {result.step}; `bertforge demo --out {out} --resume` continues it")
         raise KeyboardInterrupt
@@ -271,7 +311,8 @@ def run_demo(config: DemoConfig) -> str:
     _say("[4/4] report")
     baselines = validation_baselines(data_dir)
     model = load_model(run_dir).model.eval()
-    evaluation = _last_evaluation(run_dir) | {"mlm_accuracy_on_mask": masked_input_accuracy(model, data_dir)}
+    evaluation = _last_evaluation(run_dir) | {"mlm_accuracy_on_mask": masked_input_accuracy(model, data_dir),
+                                              "held_out_is_next": held_out_next_probability(model, data_dir)}
     return _report(config, baselines, evaluation, model, tokenizer, run_dir, time.monotonic() - start)
 
 
@@ -303,7 +344,8 @@ def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model: B
     on_mask = evaluation["mlm_accuracy_on_mask"]
     lines = [
         "",
-        f"bertforge demo: `{config.model}` pre-trained for {evaluation['step']:,} steps "
+        f"bertforge demo: `{config.model}` ({model.config.num_attention_heads} heads) pre-trained for "
+        f"{evaluation['step']:,} steps "
         f"({seconds / 60:.1f} minutes in all, on {torch.get_num_threads()} CPU threads)",
         f"held-out validation split: {baselines.instances:,} instances, {baselines.masked_tokens:,} masked tokens",
         f"  {'':24}{'model':>8}  {'baseline':>8}  {'gain':>7}",
@@ -327,6 +369,8 @@ def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model: B
         probability = next_sentence_probability(model, tokenizer, first, second)
         lines.append(f"  A: {first}  B: {second}\n      -> P(IsNext) = {probability:.2f}"
                      f"  ({'IsNext' if follows else 'NotNext'} in the paper)")
+    is_next, not_next = evaluation["held_out_is_next"]
+    lines.append(f"  held-out pairs: mean P(IsNext) {is_next:.2f} where B follows A, {not_next:.2f} where B is random")
     lines += [
         "",
         f"run:    {run_dir}   (metrics.jsonl, checkpoints/)",

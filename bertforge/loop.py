@@ -105,6 +105,7 @@ class LoopConfig:
     save_every: int | None = None
     keep_last: int | None = None
     max_minutes: float | None = None
+    decay_to_deadline: bool = False  # with max_minutes: end the decay where the measured pace meets the deadline
     on_nan: str = "stop"            # "stop" | "rollback" (reload the last checkpoint, skip the batches)
     max_bad_steps: int = 5          # non-finite steps in a row before stopping / rolling back
     nan_lr_factor: float = 1.0      # on each rollback the learning rate is multiplied by this
@@ -370,13 +371,25 @@ class _Window:
 
 
 def _stop_requests(signals: _StopSignals, started: float, max_minutes: float | None,
-                   device: torch.device) -> tuple[bool, bool]:
-    """(a stop signal arrived, the time budget is spent) on any process: every rank stops at the same step."""
-    elapsed_minutes = (time.monotonic() - started) / 60
+                   device: torch.device) -> tuple[bool, bool, float]:
+    """(a stop signal arrived, the time budget is spent) on any process, and the seconds since `started`
+    averaged over the processes: every rank stops at the same step and sees the same clock."""
+    elapsed = time.monotonic() - started
     flags = torch.tensor([float(signals.received is not None),
-                          float(max_minutes is not None and elapsed_minutes >= max_minutes)], device=device)
+                          float(max_minutes is not None and elapsed >= 60 * max_minutes), elapsed],
+                         device=device, dtype=torch.float64)
     distributed.all_reduce_sum(flags)
-    return bool(flags[0] > 0), bool(flags[1] > 0)
+    return bool(flags[0] > 0), bool(flags[1] > 0), float(flags[2]) / distributed.world_size()
+
+
+def _fit_decay_to_deadline(scheduler: LinearSchedule, step: int, steps_done: int, elapsed: float,
+                           max_minutes: float) -> None:
+    """End the schedule's linear decay at the step this session's pace (evaluations and saves included) reaches
+    by the deadline. A plan made from a timed step is often off by 10-30% (a shared CPU, evaluations, slower
+    real batches); a run stopped by the clock mid-decay then never trains at the small rates at its end, which
+    is where much of its held-out accuracy is gained."""
+    if steps_done >= 20 and elapsed > 0:
+        scheduler.end_at(step + int((60 * max_minutes - elapsed) * steps_done / elapsed))
 
 
 def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: LinearSchedule,
@@ -410,7 +423,7 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
     result = LoopResult(step=step, instances=loader.instances, stop_reason="max_steps", precision=precision)
     window = _Window()
     postfix: dict[str, float] = {}
-    started = time.monotonic()
+    started, first_step = time.monotonic(), step
     model.train()
     with _StopSignals() as signals:
         while step < config.max_steps:
@@ -430,7 +443,9 @@ def train(model: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler: Line
                 step = nonfinite.failed(step, float(outcome.global_loss.item()))
 
             final = step >= config.max_steps
-            interrupted, out_of_time = _stop_requests(signals, started, config.max_minutes, device)
+            interrupted, out_of_time, elapsed = _stop_requests(signals, started, config.max_minutes, device)
+            if config.decay_to_deadline and config.max_minutes is not None:
+                _fit_decay_to_deadline(scheduler, step, step - first_step, elapsed, config.max_minutes)
             if interrupted:
                 result.stop_reason = "signal"
             elif out_of_time and not final:

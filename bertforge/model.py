@@ -56,23 +56,6 @@ def init_weights(module: nn.Module, initializer_range: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-def sinusoidal_positions(positions: int, hidden: int, std: float) -> Tensor:
-    """The Transformer's sine/cosine position code (Vaswani et al. 2017, §3.5) scaled to a root mean square of
-    `std`: a starting table for BERT's learned position embeddings (`pretrain --position-init sinusoidal`).
-
-    In it, moving k positions is one fixed linear map for every p (sin/cos of (p+k)f mix those of pf), so from
-    the first steps a head can learn "look at my neighbour" with one query/key product; random rows carry no such
-    relation and attention first has to learn it, which a small model on a small budget does slowly. The rows
-    still train freely and the table keeps BERT's layout, so export and `transformers` are unaffected.
-    """
-    position = torch.arange(positions, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, hidden, 2, dtype=torch.float32) * (-math.log(10000.0) / hidden))
-    table = torch.zeros(positions, hidden)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[:hidden // 2])
-    return table * (std * math.sqrt(2.0))  # sin and cos have a root mean square of 1/sqrt(2)
-
-
 class Embeddings(nn.Module):
     """Sum of word, position and segment (token type) embeddings, then LayerNorm and dropout (§3.2)."""
 

@@ -151,9 +151,14 @@ class LinearSchedule(LRScheduler):
         if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
             raise BertforgeError(f"warm-up steps ({warmup_steps}) must be between 0 and the total steps "
                                  f"({total_steps})")
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.warmup_steps, self.total_steps, self.planned_steps = warmup_steps, total_steps, total_steps
         self.scale = 1.0
         super().__init__(optimizer)
+
+    def end_at(self, step: int) -> None:
+        """Move the end of the decay to `step`, between the end of the warm-up and the planned total: how a run
+        with a time budget makes its rate reach 0 when the budget does (`LoopConfig.decay_to_deadline`)."""
+        self.total_steps = max(self.warmup_steps + 1, min(self.planned_steps, step))
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -174,7 +179,7 @@ class LinearSchedule(LRScheduler):
         """Also loads a LambdaLR's state (checkpoints written before this class): its `base_lrs` already hold
         any lowered rate, so its scale is 1."""
         state = {k: v for k, v in state_dict.items() if k != "lr_lambdas"}
-        super().load_state_dict({"scale": 1.0, **state})
+        super().load_state_dict({"scale": 1.0, "planned_steps": state.get("total_steps", self.total_steps), **state})
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> LinearSchedule:

@@ -29,11 +29,11 @@ from bertforge.errors import BertforgeError
 from bertforge.heads import IGNORE_INDEX, BertForPreTraining
 from bertforge.hf import export_hf
 from bertforge.loop import LoopConfig, LoopResult, StepLoader, autocast_context, train
-from bertforge.model import sinusoidal_positions
 from bertforge.model_folder import load_model
 from bertforge.monitor import Monitor, summarize_run
 from bertforge.optim import OPTIMIZERS, build_optimizer, default_warmup_steps, linear_schedule
 from bertforge.packing import host_arguments, real_tokens, to_device
+from bertforge.position_init import POSITION_INITS, start_positions
 from bertforge.precision import PRECISIONS, machine_record, resolve_precision
 from bertforge.run_folder import (OutKind, as_json, changed_setting, check_out, may_change, read_json, run_settings,
                                  write_json_atomic)
@@ -41,7 +41,6 @@ from bertforge.tokenizer import load_tokenizer
 
 RUN_KIND = "bertforge-pretrain"
 CONFIG_FILE = "config.json"
-POSITION_INITS = ("random", "sinusoidal")
 RUN_FOLDER = OutKind(noun="a run", foreign="holds other files, not a bertforge run", resumable=True,
                      is_ours=lambda path: (path / CONFIG_FILE).is_file() or
                      (path / checkpoint.CHECKPOINTS_DIR).is_dir())
@@ -78,10 +77,11 @@ class PretrainConfig:
     resume: bool = may_change(False)
     overwrite: bool = may_change(False)
     dynamic_masking: bool = False
-    position_init: str = "random"       # random | sinusoidal: the start of a fresh model's position table
+    position_init: str = "random"       # random | sinusoidal | neighbours (position_init.py)
     optimizer: str = "adamw"
     dropout: float | None = None        # hidden and attention dropout (default: the model config's)
     max_minutes: float | None = may_change(None)  # time budget: stop (evaluate, save, export) when spent
+    decay_to_deadline: bool = False     # with max_minutes: the learning rate reaches 0 when the budget ends
     on_nan: str = may_change("stop")
     nan_lr_factor: float = may_change(1.0)  # with on_nan="rollback": multiply the learning rate by this per rollback
     eval_batches: int | None = may_change(None)  # cap on validation batches per evaluation (default: all)
@@ -113,6 +113,8 @@ class PretrainConfig:
                                      f"{', '.join(allowed)}")
         if self.resume and self.overwrite:
             raise BertforgeError("--resume and --overwrite contradict each other; pass one")
+        if self.decay_to_deadline and self.max_minutes is None:
+            raise BertforgeError("--decay-to-deadline needs a deadline: give --max-minutes")
         if self.init is not None and self.position_init != "random":
             raise BertforgeError("--position-init applies to a fresh model; --init brings its own position embeddings")
 
@@ -273,10 +275,7 @@ def _build_model(config: PretrainConfig, data: PretrainData) -> tuple[BertForPre
         model_config = resolve_model_config(config.model, vocab_size=data.vocab_size).with_dropout(config.dropout)
         _check_fits_data(model_config, data, f"--model {config.model}")
         model = BertForPreTraining(model_config)
-        if config.position_init == "sinusoidal":
-            table = model.bert.embeddings.position_embeddings.weight
-            with torch.no_grad():
-                table.copy_(sinusoidal_positions(*table.shape, model_config.initializer_range))
+        start_positions(model.bert, config.position_init, model_config.initializer_range)
         return model, model_config
     loaded = load_model(config.init)
     if loaded.tokenizer().vocab_hash != data.vocab_hash:
@@ -423,7 +422,8 @@ def _pretrain(config: PretrainConfig, device: torch.device) -> RunResult:
     loop_config = LoopConfig(max_steps=steps, precision=config.precision, compile=config.compile,
                              log_every=config.log_every, eval_every=config.eval_every,
                              save_every=config.save_every, keep_last=config.keep_last, max_minutes=config.max_minutes,
-                             on_nan=config.on_nan, nan_lr_factor=config.nan_lr_factor)
+                             decay_to_deadline=config.decay_to_deadline, on_nan=config.on_nan,
+                             nan_lr_factor=config.nan_lr_factor)
     try:
         result = train(distributed.wrap_ddp(model, device), optimizer=optimizer, scheduler=scheduler,
                        loader=loader, count_fn=count_targets, loss_fn=pretraining_loss,

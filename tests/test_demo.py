@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from bertforge.cli import main
 from bertforge.config import ModelConfig
 from bertforge.data.shards import finalize_data_dir
-from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, masked_input_accuracy,
-                            next_sentence_probability, validation_baselines, word_predictions)
+from bertforge.demo import (MARKER, MASKED_LM_PROB, MAX_SEQ_LEN, VOCAB_SIZE, fill_mask, held_out_next_probability,
+                            masked_input_accuracy, next_sentence_probability, validation_baselines,
+                            word_predictions)
 from bertforge.heads import BertForPreTraining
 from bertforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 from training_data import Instance, write_split
@@ -55,6 +57,14 @@ def test_baselines_are_the_majority_class_and_the_commonest_masked_token(tmp_pat
             return SimpleNamespace(mlm_logits=logits)
 
     assert masked_input_accuracy(AlwaysThe(), tmp_path / "data") == pytest.approx(2 / 5)  # not 4/7: copies excluded
+
+    class CountsMasks(torch.nn.Module):  # P(IsNext) = 0.2 per [MASK] (id 4) in the input
+        def forward(self, input_ids, token_type_ids, attention_mask):
+            p = 0.2 * (input_ids == 4).sum(-1).float()
+            return SimpleNamespace(nsp_logits=torch.stack([p.log(), (1 - p).log()], dim=-1))
+
+    # IsNext: the [7, 5] pair (1 mask); NotNext: 2, 1 and 1 masks
+    assert held_out_next_probability(CountsMasks(), tmp_path / "data") == pytest.approx((0.2, 0.8 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +152,15 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
                   if '"validation"' in line][-1]
     baselines = validation_baselines(out / "data")
     assert baselines.instances > 50
-    # The recipe: short sequences, masks redrawn per epoch, sinusoidal start positions, the demo's own vocabulary.
+    # The recipe: short sequences, masks redrawn per epoch, neighbour heads, 4 heads of 32, the demo's vocabulary.
     options = json.loads((out / "data" / "manifest.json").read_text())["options"]
     assert options["max_seq_len"] == MAX_SEQ_LEN and options["masked_lm_prob"] == MASKED_LM_PROB
     settings = json.loads((run / "config.json").read_text())["pretrain"]
-    assert settings["dynamic_masking"] is True and settings["position_init"] == "sinusoidal"
+    assert settings["dynamic_masking"] is True and settings["position_init"] == "neighbours"
+    model_config = json.loads((run / "model" / "config.json").read_text())
+    assert (model_config["hidden_size"], model_config["num_hidden_layers"], model_config["num_attention_heads"]) == \
+        (128, 2, 4)
+    assert "`tiny` (4 heads) pre-trained for" in report
     assert len((out / "tokenizer" / "vocab.txt").read_text().splitlines()) <= VOCAB_SIZE
     mlm_row = next(line for line in report.splitlines() if line.strip().startswith("MLM accuracy"))
     nsp_row = next(line for line in report.splitlines() if line.strip().startswith("NSP accuracy"))
@@ -156,6 +170,7 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
     on_mask_row = next(line for line in report.splitlines() if line.strip().startswith("on [MASK] inputs"))
     assert f"{baselines.mlm_masked_unigram:.1%}" in on_mask_row
     assert "the man went to the [MASK] store ." in report and report.count("P(IsNext) = ") == 2
+    assert re.search(r"held-out pairs: mean P\(IsNext\) 0\.\d\d where B follows A, 0\.\d\d where B is random", report)
     for path in (run, run / "model", run / "curves.png"):
         assert str(path) in report
 

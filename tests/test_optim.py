@@ -207,6 +207,26 @@ def test_a_lambdalr_state_of_an_older_checkpoint_loads_with_its_lowered_rates():
         assert optimizer.param_groups[0]["lr"] == old_optimizer.param_groups[0]["lr"]
 
 
+def test_end_at_moves_the_end_of_the_decay_within_the_plan_and_a_checkpoint_keeps_it():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_schedule(optimizer, warmup_steps=4, total_steps=100)
+    for _ in range(10):
+        optimizer.step(), schedule.step()
+    schedule.end_at(20)  # the rate now falls from 1 at step 4 to 0 at step 20: (20 - 10) / 16 after 10 steps
+    assert schedule.factor(10) == pytest.approx(10 / 16)
+    schedule.end_at(500)
+    assert schedule.total_steps == 100  # never past the planned last step
+    schedule.end_at(2)
+    assert schedule.total_steps == 5  # never into the warm-up
+    schedule.end_at(40)
+    restored = linear_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=4,
+                               total_steps=100)
+    restored.load_state_dict(schedule.state_dict())
+    assert (restored.total_steps, restored.planned_steps) == (40, 100)
+    restored.end_at(1000)
+    assert restored.total_steps == 100
+
+
 def test_default_warmup_is_ten_percent_capped_at_ten_thousand():
     assert default_warmup_steps(1000) == 100
     assert default_warmup_steps(15) == 2

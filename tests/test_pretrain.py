@@ -176,8 +176,8 @@ def test_init_continues_from_a_run_on_new_data_with_a_fresh_schedule(data, tmp_p
 
 
 def test_sinusoidal_position_init_starts_the_table_as_scaled_sinusoids_that_shift_linearly(data, tmp_path, capsys):
-    from bertforge.model import sinusoidal_positions
     from bertforge.model_folder import load_model
+    from bertforge.position_init import sinusoidal_positions
 
     table = sinusoidal_positions(64, 32, 0.02)
     assert table.pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=0.02)  # the scale of BERT's random rows
@@ -198,6 +198,87 @@ def test_sinusoidal_position_init_starts_the_table_as_scaled_sinusoids_that_shif
     assert "--position-init applies to a fresh model" in _error(
         capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN2"), "--init", str(tmp_path / "RUN"),
         "--position-init", "sinusoidal")
+
+
+def test_decay_to_deadline_brings_the_rate_to_zero_when_the_time_budget_ends(data, tmp_path, capsys):
+    # 100,000 planned steps and a 6-second budget: the clock stops the run early in the plan, where the planned
+    # decay would still be at the peak rate; fitted to the deadline, the rate has reached ~0 by then.
+    settings = dict(FAST, max_steps=100_000, warmup_steps=1, max_minutes=0.1, eval_every=None, save_every=None,
+                    log_every=1)
+    fitted = pretrain(PretrainConfig(data=data, out=tmp_path / "fitted", decay_to_deadline=True, **settings))
+    planned = pretrain(PretrainConfig(data=data, out=tmp_path / "planned", **settings))
+    assert fitted.stop_reason == planned.stop_reason == "time_budget" and fitted.step > 20
+    last = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "lr" in r][-1]["lr"]
+            for name in ("fitted", "planned")}
+    assert last["planned"] > 0.95e-3
+    assert last["fitted"] < 0.1e-3
+    capsys.readouterr()
+    assert "--decay-to-deadline needs a deadline" in _error(
+        capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN3"), "--decay-to-deadline")
+
+
+def _attention_probabilities(bert, input_ids: torch.Tensor) -> torch.Tensor:
+    """Layer 0's attention probabilities (B, heads, T, T) for unpadded segment-0 input."""
+    attention = bert.encoder.layers[0].attention
+    x = bert.embeddings(input_ids, torch.zeros_like(input_ids))
+    q, k = (attention._split_heads(linear(x)).transpose(1, 2) for linear in (attention.query, attention.key))
+    return torch.softmax(q @ k.transpose(-1, -2) / attention.head_dim ** 0.5, dim=-1)
+
+
+@pytest.mark.parametrize("size", ["tiny", "mini"])
+def test_neighbours_position_init_starts_two_heads_looking_at_the_next_and_previous_token(size, data, tmp_path):
+    from bertforge.config import resolve_model_config
+    from bertforge.heads import BertForPreTraining
+    from bertforge.position_init import sinusoidal_positions, start_positions
+
+    config = resolve_model_config(size, vocab_size=500).with_dropout(0.0)
+    built = []
+    for kind in ("random", "neighbours"):
+        torch.manual_seed(0)
+        model = BertForPreTraining(config).eval()
+        start_positions(model.bert, kind, config.initializer_range)
+        built.append(model)
+    random, neighbours = built
+    half = config.hidden_size // 2
+    embeddings = neighbours.bert.embeddings
+    # positions alone in the first half of the dimensions, as sinusoids; words and segments in the other half
+    table = embeddings.position_embeddings.weight.detach()
+    torch.testing.assert_close(table[:, :half], sinusoidal_positions(table.shape[0], half, 0.02), rtol=0, atol=0)
+    assert table[:, half:].abs().max() == 0
+    assert embeddings.word_embeddings.weight[:, :half].abs().max() == 0
+    assert embeddings.token_type_embeddings.weight[:, :half].abs().max() == 0
+    torch.testing.assert_close(embeddings.word_embeddings.weight[:, half:],
+                               random.bert.embeddings.word_embeddings.weight[:, half:])
+
+    ids = torch.randint(5, 500, (8, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probabilities = _attention_probabilities(neighbours.bert, ids)
+        baseline = _attention_probabilities(random.bert, ids)
+    next_token = probabilities[:, 0].diagonal(offset=1, dim1=-2, dim2=-1).mean().item()
+    previous_token = probabilities[:, 1].diagonal(offset=-1, dim1=-2, dim2=-1).mean().item()
+    assert next_token > 0.6 and previous_token > 0.6  # uniform attention over 48 tokens would give ~0.02
+    assert baseline[:, 0].diagonal(offset=1, dim1=-2, dim2=-1).mean().item() < 0.1
+    # every other weight is BERT's start: later layers, the other heads' values, the heads
+    for name, tensor in random.state_dict().items():
+        if "embeddings" not in name and not name.startswith("bert.encoder.layers.0.attention.") \
+                and "decoder" not in name:
+            torch.testing.assert_close(neighbours.state_dict()[name], tensor, msg=name)
+    last = slice(2 * config.head_dim, None)  # heads 2.. (mini has 4) keep their random queries
+    torch.testing.assert_close(neighbours.bert.encoder.layers[0].attention.query.weight[last],
+                               random.bert.encoder.layers[0].attention.query.weight[last])
+
+
+def test_neighbours_position_init_trains_and_exports_through_the_cli(data, tmp_path, capsys):
+    from bertforge.model_folder import load_model
+
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "RUN"), "--model", "tiny",
+                 "--position-init", "neighbours", "--max-steps", "2", "--batch-size", "4"]) == 0
+    model = load_model(tmp_path / "RUN" / "model").model
+    assert model.bert.embeddings.word_embeddings.weight[:, :64].abs().max() < 0.01  # two steps of 1e-4 moved it
+    capsys.readouterr()
+    assert "--position-init applies to a fresh model" in _error(
+        capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "RUN2"), "--init", str(tmp_path / "RUN"),
+        "--position-init", "neighbours")
 
 
 def test_pretrain_and_evaluate_on_prepared_corpus_data(corpus_data, tmp_path, capsys):

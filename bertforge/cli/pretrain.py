@@ -17,7 +17,8 @@ from bertforge.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bertforge.pretrain import POSITION_INITS, PretrainConfig
+    from bertforge.position_init import POSITION_INITS
+    from bertforge.pretrain import PretrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     parser = subparsers.add_parser(
@@ -42,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
            "model folder, with a fresh optimizer and schedule (e.g. phase 2 on longer sequences)", type=Path)
     option(model, "--dropout", "hidden and attention dropout probability (default: the model config's)", type=float)
     option(model, "--dynamic-masking", "redraw the MLM masks every epoch", action="store_true")
-    option(model, "--position-init", "start a fresh model's position embeddings random (BERT's) or as scaled "
-           "sinusoids, which lets a small model on a small budget find neighbouring tokens sooner",
+    option(model, "--position-init", "a fresh model's start: random position rows (BERT's), scaled sinusoids, or "
+           "`neighbours` (sinusoids in dimensions of their own and first-layer heads that start out looking at the "
+           "next and previous token): small models on small budgets learn to read their context much sooner",
            choices=POSITION_INITS)
     optim = parser.add_argument_group("optimisation")
     option(optim, "--batch-size", "instances per micro-batch, per process (under torchrun the global batch is "
@@ -70,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(run, "--save-every", "steps between checkpoints (and one at the end)", type=int)
     option(run, "--keep-last", "keep only the newest N checkpoints", type=int)
     option(run, "--max-minutes", "time budget: stop, evaluate, save and export when spent", type=float)
+    option(run, "--decay-to-deadline", "with --max-minutes: end the learning-rate decay when the budget ends (the "
+           "last step is re-estimated from the measured pace as the run goes), not at the planned last step",
+           action="store_true")
     option(run, "--on-nan", "after repeated non-finite losses: stop, or roll back to the last checkpoint",
            choices=("stop", "rollback"))
     option(run, "--nan-lr-factor", "with --on-nan rollback: multiply the learning rate by this at each rollback "
