@@ -152,15 +152,15 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
                   if '"validation"' in line][-1]
     baselines = validation_baselines(out / "data")
     assert baselines.instances > 50
-    # The recipe: short sequences, masks redrawn per epoch, neighbour heads, 4 heads of 32, the demo's vocabulary.
+    # The recipe: short sequences, masks redrawn per epoch, neighbour heads, 8 heads of 16, the demo's vocabulary.
     options = json.loads((out / "data" / "manifest.json").read_text())["options"]
     assert options["max_seq_len"] == MAX_SEQ_LEN and options["masked_lm_prob"] == MASKED_LM_PROB
     settings = json.loads((run / "config.json").read_text())["pretrain"]
     assert settings["dynamic_masking"] is True and settings["position_init"] == "neighbours"
     model_config = json.loads((run / "model" / "config.json").read_text())
     assert (model_config["hidden_size"], model_config["num_hidden_layers"], model_config["num_attention_heads"]) == \
-        (128, 2, 4)
-    assert "`tiny` (4 heads) pre-trained for" in report
+        (128, 2, 8)
+    assert "`tiny` (8 heads) pre-trained for" in report
     assert len((out / "tokenizer" / "vocab.txt").read_text().splitlines()) <= VOCAB_SIZE
     mlm_row = next(line for line in report.splitlines() if line.strip().startswith("MLM accuracy"))
     nsp_row = next(line for line in report.splitlines() if line.strip().startswith("NSP accuracy"))
