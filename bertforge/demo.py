@@ -54,6 +54,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,15 @@ def validation_baselines(data_dir: Path) -> Baselines:
                      instances=len(store), masked_tokens=sum(labels.values()))
 
 
+def _validation_batches(data_dir: Path) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """The validation split of DATA `data_dir` in padded batches of 64, each with the [MASK] id."""
+    data = PretrainData(data_dir, verify="size")
+    store = data.split("validation")
+    for begin in range(0, len(store), 64):
+        yield (collate_pretrain([store[i] for i in range(begin, min(begin + 64, len(store)))], data.special_ids.pad),
+               data.special_ids.mask)
+
+
 @torch.no_grad()
 def masked_input_accuracy(model: BertForPreTraining, data_dir: Path) -> float:
     """Held-out MLM accuracy on the targets whose input is [MASK] (80% of them).
@@ -161,16 +171,12 @@ def masked_input_accuracy(model: BertForPreTraining, data_dir: Path) -> float:
     Of the other 20%, half keep their own token at the input, and a model soon learns to copy it, so the overall
     MLM accuracy flatters what the model reads from the context; this is the part that has to come from it.
     """
-    data = PretrainData(data_dir, verify="size")
-    store = data.split("validation")
     right = total = 0
-    for begin in range(0, len(store), 64):
-        batch = collate_pretrain([store[i] for i in range(begin, min(begin + 64, len(store)))], data.special_ids.pad)
+    for batch, mask_id in _validation_batches(data_dir):
         output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                        batch["masked_lm_positions"])  # logits (B, P, V) at every listed position
         labels = batch["masked_lm_labels"]
-        on_mask = (labels != IGNORE_INDEX) & (batch["input_ids"].gather(1, batch["masked_lm_positions"])
-                                              == data.special_ids.mask)
+        on_mask = (labels != IGNORE_INDEX) & (batch["input_ids"].gather(1, batch["masked_lm_positions"]) == mask_id)
         right += int((output.mlm_logits.argmax(-1)[on_mask] == labels[on_mask]).sum())
         total += int(on_mask.sum())
     return right / max(1, total)
@@ -183,11 +189,8 @@ def held_out_next_probability(model: BertForPreTraining, data_dir: Path) -> tupl
     The paper's two example pairs are single short sentences about things the bundled corpus hardly mentions, so
     their order says little about a small model; the held-out pairs' means show whether it tells them apart.
     """
-    data = PretrainData(data_dir, verify="size")
-    store = data.split("validation")
     sums, counts = [0.0, 0.0], [0, 0]  # by next_sentence_label: 0 IsNext, 1 NotNext
-    for begin in range(0, len(store), 64):
-        batch = collate_pretrain([store[i] for i in range(begin, min(begin + 64, len(store)))], data.special_ids.pad)
+    for batch, _ in _validation_batches(data_dir):
         output = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         is_next = torch.softmax(output.nsp_logits.float(), dim=-1)[:, 0]
         for label in (0, 1):

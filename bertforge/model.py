@@ -21,8 +21,6 @@ Deviations from the reference, all numerically equivalent up to float rounding:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
