@@ -46,6 +46,12 @@ NSP is the slower objective: it generalises to documents the model has not seen 
 can show an MLM gain with NSP still at its baseline; a larger `--minutes` gives it those steps. The paper's two
 NSP examples are short and about things the corpus hardly mentions; at these budgets their order is not a stable
 result from run to run.
+
+What "held-out" means here: the validation articles are whole articles the model never trains on, but they come
+from the same four files, whose articles come in series (a run of Japanese emperors, the cinema of one country
+after another, Fiji's transport and telecommunications). They test new articles on topics the model has read
+about. On articles from other parts of Wikipedia (`benchmarks/demo_held_out.py`) the MLM gain holds, while the
+NSP gain shrinks to a few points at these budgets: what NSP learns first is which words the corpus's topics use.
 """
 
 from __future__ import annotations
@@ -86,8 +92,10 @@ MAX_PREDICTIONS = 10  # 15% of 64 tokens, rounded up
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.05
-# 4 of the 282 bundled documents: ~170 validation instances per duplication pass (a few hundred in all)
-VALIDATION_FRACTION = 0.015
+# 14 of the 281 bundled articles (~870 validation instances per duplication pass): NSP accuracy over 4 articles
+# moved by up to 10 points with the seed that picks them, since every NotNext B of the split comes from its few
+# other articles
+VALIDATION_FRACTION = 0.05
 HEAD_DIM = 16  # the demo's heads: `tiny` runs 8 of 16 dimensions instead of 2 of 64 (see the module notes)
 FILL_MASK_EXAMPLES = (  # the paper's, then sentences of the kind the bundled (Wikipedia) text is made of
     "the man went to the [MASK] store .",
@@ -130,6 +138,7 @@ class Baselines:
     mlm_masked_unigram: float  # the same on the targets whose input is [MASK]
     instances: int
     masked_tokens: int
+    documents: int | None = None  # held-out documents, where the manifest records them
 
 
 def validation_baselines(data_dir: Path) -> Baselines:
@@ -152,7 +161,8 @@ def validation_baselines(data_dir: Path) -> Baselines:
     return Baselines(nsp_majority=label_count / len(store), nsp_majority_label="NotNext" if label else "IsNext",
                      mlm_unigram=token_count / sum(labels.values()), mlm_unigram_token=data.vocab[token_id],
                      mlm_masked_unigram=max(masked.values(), default=0) / max(1, sum(masked.values())),
-                     instances=len(store), masked_tokens=sum(labels.values()))
+                     instances=len(store), masked_tokens=sum(labels.values()),
+                     documents=data.manifest["splits"]["validation"].get("documents"))
 
 
 def _validation_batches(data_dir: Path) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
@@ -304,7 +314,7 @@ def run_demo(config: DemoConfig) -> str:
             data=data_dir, out=run_dir, model=architecture, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
             warmup_steps=max(1, round(steps * WARMUP_FRACTION)), max_steps=steps, dropout=0.0, seed=config.seed,
             dynamic_masking=True, position_init="neighbours",
-            log_every=max(1, steps // 100), eval_every=max(1, steps // 4), save_every=max(1, steps // 4),
+            log_every=max(1, steps // 100), eval_every=max(1, steps // 3), save_every=max(1, steps // 4),
             keep_last=1, max_minutes=train_seconds / 60, decay_to_deadline=True, precision="auto", overwrite=True))
     if result.interrupted:
         _say(f"the run was saved at step {result.step}; `bertforge demo --out {out} --resume` continues it")
@@ -345,12 +355,14 @@ def _report(config: DemoConfig, baselines: Baselines, evaluation: dict, model: B
             tokenizer: Tokenizer, run_dir: Path, seconds: float) -> str:
     mlm, nsp = evaluation["mlm_accuracy"], evaluation["nsp_accuracy"]
     on_mask = evaluation["mlm_accuracy_on_mask"]
+    articles = "" if baselines.documents is None else f" from {baselines.documents:,} articles it never trained on"
     lines = [
         "",
         f"bertforge demo: `{config.model}` ({model.config.num_attention_heads} heads) pre-trained for "
         f"{evaluation['step']:,} steps "
         f"({seconds / 60:.1f} minutes in all, on {torch.get_num_threads()} CPU threads)",
-        f"held-out validation split: {baselines.instances:,} instances, {baselines.masked_tokens:,} masked tokens",
+        f"held-out validation split: {baselines.instances:,} instances{articles}, {baselines.masked_tokens:,} masked "
+        "tokens",
         f"  {'':24}{'model':>8}  {'baseline':>8}  {'gain':>7}",
         f"  {'MLM accuracy':24}{mlm:8.1%}  {baselines.mlm_unigram:8.1%}  {100 * (mlm - baselines.mlm_unigram):+6.1f}"
         f"   baseline: always \"{baselines.mlm_unigram_token}\" (the commonest masked token)",

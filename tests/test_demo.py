@@ -46,6 +46,7 @@ def test_baselines_are_the_majority_class_and_the_commonest_masked_token(tmp_pat
     write_data(tmp_path / "data", {"train": [instance([6], False)], "validation": validation})
     baselines = validation_baselines(tmp_path / "data")
     assert baselines.instances == 4 and baselines.masked_tokens == 7
+    assert baselines.documents is None  # the hand-written manifest does not count documents
     assert baselines.nsp_majority == pytest.approx(0.75) and baselines.nsp_majority_label == "NotNext"
     assert baselines.mlm_unigram == pytest.approx(4 / 7) and baselines.mlm_unigram_token == "the"
     assert baselines.mlm_masked_unigram == pytest.approx(2 / 5)  # "the" twice, "man" twice, "went" once
@@ -152,6 +153,9 @@ def test_demo_end_to_end_in_a_shortened_mode(tmp_path, capsys):
                   if '"validation"' in line][-1]
     baselines = validation_baselines(out / "data")
     assert baselines.instances > 50
+    # 5% of the bundled corpus's 281 articles, named in the report
+    assert baselines.documents == 14
+    assert f"{baselines.instances:,} instances from 14 articles it never trained on" in report
     # The recipe: short sequences, masks redrawn per epoch, neighbour heads, 8 heads of 16, the demo's vocabulary.
     options = json.loads((out / "data" / "manifest.json").read_text())["options"]
     assert options["max_seq_len"] == MAX_SEQ_LEN and options["masked_lm_prob"] == MASKED_LM_PROB
