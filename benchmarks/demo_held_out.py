@@ -61,7 +61,7 @@ def prepare_held_out(files: list[Path], tokenizer_dir: Path, data_dir: Path) -> 
 @torch.no_grad()
 def row(demo_dir: Path, data_dir: Path, baselines: demo.Baselines) -> str:
     run_dir = demo_dir / "run"
-    own = demo._last_evaluation(run_dir)
+    own = demo.last_evaluation(run_dir)
     own_baselines = demo.validation_baselines(demo_dir / "data")
     metrics = evaluate(run_dir / "model", data_dir, batch_size=128)
     model = load_model(run_dir / "model").model.eval()

@@ -314,6 +314,7 @@ def run_demo(config: DemoConfig) -> str:
             data=data_dir, out=run_dir, model=architecture, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
             warmup_steps=max(1, round(steps * WARMUP_FRACTION)), max_steps=steps, dropout=0.0, seed=config.seed,
             dynamic_masking=True, position_init="neighbours",
+            # three evaluations: each pass over the 5% split is time taken from training
             log_every=max(1, steps // 100), eval_every=max(1, steps // 3), save_every=max(1, steps // 4),
             keep_last=1, max_minutes=train_seconds / 60, decay_to_deadline=True, precision="auto", overwrite=True))
     if result.interrupted:
@@ -324,7 +325,7 @@ def run_demo(config: DemoConfig) -> str:
     _say("[4/4] report")
     baselines = validation_baselines(data_dir)
     model = load_model(run_dir).model.eval()
-    evaluation = _last_evaluation(run_dir) | {"mlm_accuracy_on_mask": masked_input_accuracy(model, data_dir),
+    evaluation = last_evaluation(run_dir) | {"mlm_accuracy_on_mask": masked_input_accuracy(model, data_dir),
                                               "held_out_is_next": held_out_next_probability(model, data_dir)}
     return _report(config, baselines, evaluation, model, tokenizer, run_dir, time.monotonic() - start)
 
@@ -344,7 +345,8 @@ def word_predictions(model: BertForPreTraining, tokenizer: Tokenizer, text: str,
              and not token.startswith("##")][:top_k] for row in rows]
 
 
-def _last_evaluation(run_dir: Path) -> dict:
+def last_evaluation(run_dir: Path) -> dict:
+    """The last validation line of a run's metrics.jsonl: the figures the report prints."""
     evaluations = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("split") == "validation"]
     if not evaluations:
         raise BertforgeError(f"{run_dir / METRICS_FILE} holds no validation line; the run ended before evaluating")
