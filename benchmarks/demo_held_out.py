@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bertforge import demo
+from bertforge.corpus import default_corpus_files
 from bertforge.data.prepare import prepare
 from bertforge.data.shards import is_data_dir
 from bertforge.model_folder import load_model
@@ -33,7 +34,7 @@ from bertforge.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "en_pretrain" / "wikipedia_en_2015" / "AA"
-BUNDLED = {path.name for path in (ROOT / "bertforge" / "corpus").glob("wiki_*.gz")}
+BUNDLED = {path.name for path in default_corpus_files()}
 
 
 def held_out_files(spec: str) -> list[Path]:
